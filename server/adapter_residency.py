@@ -1,0 +1,137 @@
+"""Which adapters are resident in the unified pool. Plain Python; no torch.
+
+A resident adapter holds pages in proportion to its real ranks and modules (see
+``server/page_layout.py``). Adapters used by a running request are pinned (a count per adapter);
+idle ones stay resident as a cache and are evicted least-recently-used first whenever KV blocks
+or another adapter need the pages. Evicted uids are queued so the runner can drop anything it
+derived from their pages.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from server.errors import AdapterTooLarge
+from server.page_layout import AdapterPageTable, LoraMatrixPages, PageLayout
+from server.pool import PagePool
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    rank: int
+    scale: float
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """The shape of an adapter's weights (no tensors): what residency needs to place it."""
+
+    uid: int
+    name: str
+    modules: dict[tuple[int, str], ModuleSpec]
+
+    def pages_needed(self, layout: PageLayout) -> int:
+        return sum(
+            layout.pages_for_rows(m.rank, m.in_features) + layout.pages_for_rows(m.rank, m.out_features)
+            for m in self.modules.values()
+        )
+
+
+class AdapterResidency:
+    def __init__(self, pool: PagePool, layout: PageLayout) -> None:
+        self.pool = pool
+        self.layout = layout
+        self._resident: OrderedDict[int, AdapterPageTable] = OrderedDict()  # LRU first
+        self._pins: dict[int, int] = {}
+        self._evicted: list[int] = []
+        self.loads_total = 0
+        self.evictions_total = 0
+
+    def is_resident(self, uid: int) -> bool:
+        return uid in self._resident
+
+    def page_table(self, uid: int) -> AdapterPageTable:
+        return self._resident[uid]
+
+    def resident_uids(self) -> list[int]:
+        """Least recently used first."""
+        return list(self._resident)
+
+    def pins(self, uid: int) -> int:
+        return self._pins.get(uid, 0)
+
+    def pin(self, uid: int) -> None:
+        self._pins[uid] = self._pins.get(uid, 0) + 1
+        self._resident.move_to_end(uid)
+
+    def unpin(self, uid: int) -> None:
+        left = self._pins[uid] - 1
+        if left:
+            self._pins[uid] = left
+        else:
+            del self._pins[uid]
+
+    def evictable_pages(self) -> int:
+        return sum(len(t.all_pages()) for uid, t in self._resident.items() if uid not in self._pins)
+
+    def make_room(self, pages: int) -> bool:
+        """Evict idle adapters, least recently used first, until ``pages`` pages are free.
+
+        Evicts nothing and returns False when even evicting every idle adapter would not do.
+        """
+        if self.pool.num_free >= pages:
+            return True
+        if self.pool.num_free + self.evictable_pages() < pages:
+            return False
+        for uid in [u for u in self._resident if u not in self._pins]:
+            if self.pool.num_free >= pages:
+                break
+            self._evict(uid)
+        return True
+
+    def load(self, spec: AdapterSpec) -> AdapterPageTable:
+        """Give ``spec`` pages (evicting idle adapters if needed) and record it as resident, unpinned.
+
+        Raises AdapterTooLarge if it needs more pages than the whole pool, and OutOfPages (from
+        the pool) if pinned adapters and KV blocks leave too little room; the caller then waits.
+        """
+        need = spec.pages_needed(self.layout)
+        if need > self.pool.num_pages:
+            raise AdapterTooLarge(
+                f"adapter {spec.name!r} needs {need} pages; the pool has {self.pool.num_pages}"
+            )
+        self.make_room(need)
+        pages = iter(self.pool.allocate(need, "adapter"))
+        modules = {}
+        for key in sorted(spec.modules):
+            m = spec.modules[key]
+            a = self.layout.pages_for_rows(m.rank, m.in_features)
+            b = self.layout.pages_for_rows(m.rank, m.out_features)
+            modules[key] = LoraMatrixPages(
+                rank=m.rank, scale=m.scale, in_features=m.in_features, out_features=m.out_features,
+                a_pages=tuple(next(pages) for _ in range(a)), b_pages=tuple(next(pages) for _ in range(b)),
+            )
+        table = AdapterPageTable(uid=spec.uid, modules=modules)
+        self._resident[spec.uid] = table
+        self.loads_total += 1
+        return table
+
+    def evict(self, uid: int) -> None:
+        """Drop an idle adapter (e.g. deleted by the user). Pinned adapters can't be evicted."""
+        if uid in self._pins:
+            raise ValueError(f"adapter uid {uid} is pinned by {self._pins[uid]} requests")
+        if uid in self._resident:
+            self._evict(uid)
+
+    def _evict(self, uid: int) -> None:
+        table = self._resident.pop(uid)
+        self.pool.free(table.all_pages())
+        self._evicted.append(uid)
+        self.evictions_total += 1
+
+    def drain_evicted(self) -> list[int]:
+        out, self._evicted = self._evicted, []
+        return out

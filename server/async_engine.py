@@ -1,0 +1,201 @@
+"""``AsyncEngine``: the step loop on its own thread, with an asyncio stream per request.
+
+The engine thread owns the scheduler, the pool and the device; the event loop thread never
+touches them. Requests and aborts cross over through an inbox drained at the top of each step,
+so an abort frees its pages before the next step runs. Validation (unknown adapter, context
+length, parameters) happens on the caller's thread so errors reach the HTTP client as 4xx
+before any streaming starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.config import EngineConfig
+from server.engine import LLMEngine, PreparedRequest
+from server.engine_types import AdapterInfo, EngineStats, RequestOutput
+from server.errors import InvalidRequest, Overloaded
+from server.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine = LLMEngine(config)
+        self.config = config
+        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stop = False
+        self._draining = False
+        self._lock = threading.Lock()  # guards _streams (event loop thread vs engine thread)
+        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+
+    # the engine's read-only facts, for the API
+    @property
+    def tokenizer(self):  # noqa: ANN201 - server.tokenizer.Tokenizer
+        return self.engine.tokenizer
+
+    @property
+    def model_config(self):  # noqa: ANN201 - server.model_config.ModelConfig
+        return self.engine.model_config
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._draining
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
+        """Stop taking requests; with ``drain``, let in-flight ones finish first."""
+        self._draining = True
+        if drain:
+            self._inbox.put(("drain",))
+        else:
+            self._stop = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.engine.adapters.shutdown()
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       adapter_id: str | None = None, request_id: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; closing the iterator early (client gone) aborts it."""
+        request_id = request_id or uuid.uuid4().hex
+        self._admit_check()
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if request_id in self._streams:
+                raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
+            live = self.engine.prepare_request(prompt_token_ids, params, adapter_id, request_id)
+            self._streams[request_id] = stream
+        self._inbox.put(("add", live))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self._inbox.put(("abort", request_id))
+                self._wake.set()
+
+    def _admit_check(self) -> None:
+        if self._draining or not self._thread.is_alive():
+            raise Overloaded("the server is shutting down", retry_after=5)
+        waiting = len(self.engine.scheduler.waiting)
+        if waiting >= self.config.max_waiting:
+            raise Overloaded(f"{waiting} requests are waiting (limit {self.config.max_waiting}); retry later",
+                             retry_after=1)
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    # ---- adapters and stats (API thread; the adapter manager has its own lock) -------------
+    def add_adapter(self, adapter_id: str, source: Path | dict[str, bytes],
+                    replace: bool = False) -> AdapterInfo:
+        return self.engine.add_adapter(adapter_id, source, replace)
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        self.engine.remove_adapter(adapter_id)
+        self._wake.set()
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self.engine.list_adapters()
+
+    def get_adapter(self, adapter_id: str) -> AdapterInfo:
+        return self.engine.get_adapter(adapter_id)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    # ---- the engine thread ----------------------------------------------------------------
+    def _loop(self) -> None:
+        draining = False
+        while not self._stop:
+            draining = self._drain_inbox() or draining
+            busy = self.engine.has_work()
+            if busy:
+                for out in self._step():
+                    self._deliver(out)
+            elif draining:
+                break
+            else:
+                self._wake.wait(0.05)
+                self._wake.clear()
+        log.info("engine loop stopped")
+
+    def _step(self) -> list[RequestOutput]:
+        try:
+            return self.engine.step()
+        except Exception as exc:  # a bug must not take the server down: fail the running requests
+            log.exception("engine step failed; aborting running requests")
+            for rid in [r.request_id for r in self.engine.scheduler.running]:
+                self.engine.abort(rid)
+                self._fail(rid, exc)
+            return []
+
+    def _drain_inbox(self) -> bool:
+        draining = False
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return draining
+            if msg[0] == "add":
+                self._submit(msg[1])
+            elif msg[0] == "abort":
+                out = self.engine.abort(msg[1])
+                if out is not None:
+                    self._deliver(out)
+            elif msg[0] == "drain":
+                draining = True
+
+    def _submit(self, live: PreparedRequest) -> None:
+        try:
+            self.engine.submit(live)
+        except Exception as exc:
+            self._fail(live.request.request_id, exc)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            stream = self._streams.get(out.request_id)
+            if stream is not None and out.finished:
+                del self._streams[out.request_id]
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    def _fail(self, request_id: str, exc: BaseException) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)

