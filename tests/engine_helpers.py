@@ -40,7 +40,7 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> tuple[list[i
     return out, first_logits
 
 
-def engine_logits(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:
+def engine_logits(engine: LLMEngine, prompt: list[int], adapter: str | None = None) -> torch.Tensor:
     """The logits our engine computes at the last prompt position, captured at the real sampler."""
     seen: list[torch.Tensor] = []
     sampler = engine.runner.sampler
@@ -52,7 +52,8 @@ def engine_logits(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:
 
     sampler.sample = spy
     try:
-        run_all(engine, {"logits": prompt}, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        run_all(engine, {"logits": prompt}, params, {"logits": adapter})
     finally:
         sampler.sample = original
     (logits,) = seen

@@ -125,3 +125,17 @@ def test_prefetch_copies_queued_adapter_into_free_pages():
     out = s.schedule()
     assert [c.request_id for c in out.chunks] == ["first"]
     assert [t.uid for t in out.adapter_loads] == [1] and s.residency.pins(1) == 0
+
+
+def test_adapter_waits_for_pages_held_by_running_work():
+    disk = FakeDisk()
+    disk.add(1, rank=4)  # 8 pages
+    s = make_scheduler(10, disk)
+    make_request(s, "kv", prompt_len=8, max_tokens=2)  # 2 blocks = 4 pages; 6 free
+    run_step(s)
+    make_request(s, "lora", prompt_len=1, max_tokens=1, adapter=1)
+    out = s.schedule()
+    assert [c.request_id for c in out.chunks] == ["kv"] and not out.adapter_loads
+    s.update(out, {"kv": 3})  # kv finishes: its pages return
+    out = s.schedule()
+    assert [t.uid for t in out.adapter_loads] == [1] and [c.request_id for c in out.chunks] == ["lora"]

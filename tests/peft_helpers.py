@@ -1,0 +1,35 @@
+"""Real PEFT adapters on copies of one base model, saved as PEFT dirs: the oracle for adapter tests."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from tests.engine_helpers import hf_greedy
+
+
+def build_adapters(base: torch.nn.Module, configs: dict[str, LoraConfig], out_dir: Path,
+                   std: float, seed: int = 0) -> tuple[dict[str, PeftModel], dict[str, Path]]:
+    """One PEFT model per config, each on its own copy of ``base`` (left untouched), with a random
+    ``lora_B`` (PEFT initializes it to zero); each saved as a PEFT dir ``out_dir / name``."""
+    torch.manual_seed(seed)
+    models, paths = {}, {}
+    for name, cfg in configs.items():
+        model = get_peft_model(copy.deepcopy(base), cfg)
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                if "lora_B" in pname:
+                    torch.nn.init.normal_(param, std=std)
+        model.save_pretrained(out_dir / name)
+        models[name] = model.eval()
+        paths[name] = out_dir / name
+    return models, paths
+
+
+def peft_greedy(models: dict[str, PeftModel], base: torch.nn.Module, adapter: str | None,
+                prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and last-prompt-position logits with one adapter (None: the base model)."""
+    return hf_greedy(base if adapter is None else models[adapter], prompt, n)
