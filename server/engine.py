@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,8 +237,11 @@ class LLMEngine:
         )
 
 
+_QUANT_SUFFIX = re.compile(r"[.-](Q\d[\w]*|IQ\d[\w]*|F16|BF16|F32)$", re.IGNORECASE)
+
+
 def _model_name(source: str) -> str:
-    base = os.path.basename(source.rstrip("/"))
-    for suffix in (".gguf",):
-        base = base.removesuffix(suffix)
-    return base.split(".Q")[0] if base.startswith("SmolLM2") else base
+    """The id clients use for the base model: the dir or file name, without ``.gguf`` and a
+    quantization suffix (``SmolLM2-135M-Instruct.Q4_1.gguf`` -> ``SmolLM2-135M-Instruct``)."""
+    path = source.split(":", 1)[-1].rstrip("/")
+    return _QUANT_SUFFIX.sub("", os.path.basename(path).removesuffix(".gguf"))
