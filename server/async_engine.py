@@ -10,9 +10,11 @@ before any streaming starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ from server.errors import InvalidRequest, Overloaded
 from server.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+STATS_LOG_SECONDS = 10.0  # how often a busy engine logs its load and pool usage
 
 
 @dataclass
@@ -111,7 +115,9 @@ class AsyncEngine:
     def _admit_check(self) -> None:
         if self._draining or not self._thread.is_alive():
             raise Overloaded("the server is shutting down", retry_after=5)
-        waiting = len(self.engine.scheduler.waiting)
+        # Accepted streams not yet running: counts requests still in the inbox, unlike the
+        # scheduler's own queue, so a burst can't overshoot the limit.
+        waiting = len(self._streams) - len(self.engine.scheduler.running)
         if waiting >= self.config.max_waiting:
             raise Overloaded(f"{waiting} requests are waiting (limit {self.config.max_waiting}); retry later",
                              retry_after=1)
@@ -141,18 +147,29 @@ class AsyncEngine:
     # ---- the engine thread ----------------------------------------------------------------
     def _loop(self) -> None:
         draining = False
+        next_log = time.monotonic() + STATS_LOG_SECONDS
         while not self._stop:
             draining = self._drain_inbox() or draining
             busy = self.engine.has_work()
             if busy:
                 for out in self._step():
                     self._deliver(out)
+                if time.monotonic() >= next_log:
+                    self._log_stats()
+                    next_log = time.monotonic() + STATS_LOG_SECONDS
             elif draining:
                 break
             else:
                 self._wake.wait(0.05)
                 self._wake.clear()
         log.info("engine loop stopped")
+
+    def _log_stats(self) -> None:
+        st = self.engine.stats()
+        log.info("running=%d waiting=%d pool: %d/%d pages free (kv %d, adapters %d) "
+                 "adapters resident=%d host=%d preemptions=%d", st.num_running, st.num_waiting,
+                 st.pool_pages_free, st.pool_pages_total, st.pool_pages_kv, st.pool_pages_adapter,
+                 st.adapters_resident, st.adapters_host, st.preemptions_total)
 
     def _step(self) -> list[RequestOutput]:
         try:
@@ -191,11 +208,20 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is not None and out.finished:
                 del self._streams[out.request_id]
-        if stream is not None:
+        if stream is None:
+            return
+        try:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+        except RuntimeError:  # the consumer's event loop is closed: nobody will read this stream
+            log.warning("dropping request whose event loop is closed", extra={"request_id": out.request_id})
+            with self._lock:
+                self._streams.pop(out.request_id, None)
+            if not out.finished:
+                self.engine.abort(out.request_id)
 
     def _fail(self, request_id: str, exc: BaseException) -> None:
         with self._lock:
             stream = self._streams.pop(request_id, None)
         if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+            with contextlib.suppress(RuntimeError):  # event loop closed: nobody is listening
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
