@@ -128,3 +128,18 @@ def test_restart_keeps_store_and_cold_adapter_loads_while_others_run(setup, tmp_
     assert got["base"] == oracle(None, PROMPTS[0], 6)[0]
     assert fresh.get_adapter("all16").location == "device"
     assert fresh.get_adapter("all16").requests_served == 1
+
+
+def test_adapter_larger_than_the_pool_is_refused_at_upload(setup, tmp_path):
+    from server.errors import AdapterTooLarge
+
+    engine, _ = setup
+    small = LLMEngine(EngineConfig(model=engine.config.model, pool_bytes=64 * 4096,
+                                   adapter_store_dir=str(tmp_path / "store")))
+    big = engine.adapters.resolve("r64").path
+    with pytest.raises(AdapterTooLarge, match=r"needs \d+ pages of the pool; the pool has 64"):
+        small.add_adapter("big", big)
+    assert small.list_adapters() == [] and not (tmp_path / "store" / "big").exists()
+    assert [p.name for p in (tmp_path / "store").iterdir()] == []
+    small.add_adapter("fits", engine.adapters.resolve("r1").path)
+    assert [a.adapter_id for a in small.list_adapters()] == ["fits"]
