@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from server.engine import LLMEngine
 from server.sampling_params import SamplingParams
+
+
+def tiny_llama_dir(out: Path, tokenizer_dir: Path, seed: int = 0, **config) -> tuple[Path, LlamaForCausalLM]:
+    """Save a small random Llama (GQA by default) as an HF dir with SmolLM2's tokenizer files.
+
+    ``config`` overrides LlamaConfig fields (e.g. num_key_value_heads, tie_word_embeddings,
+    rope_scaling); returns the dir and the transformers model, the oracle.
+    """
+    torch.manual_seed(seed)
+    fields = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, rms_norm_eps=1e-5,
+                  tie_word_embeddings=False)
+    model = LlamaForCausalLM(LlamaConfig(**{**fields, **config})).eval()
+    model.save_pretrained(out, max_shard_size="100KB")
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out, model
 
 
 def run_all(engine: LLMEngine, prompts: dict[str, list[int]], params: SamplingParams,

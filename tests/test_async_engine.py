@@ -2,29 +2,21 @@
 
 import asyncio
 import contextlib
-import shutil
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from server.async_engine import AsyncEngine
 from server.config import EngineConfig
 from server.errors import ContextLengthExceeded, Overloaded, UnknownAdapter
 from server.sampling_params import SamplingParams
-from tests.engine_helpers import hf_greedy
+from tests.engine_helpers import hf_greedy, tiny_llama_dir
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, smollm2_tokenizer_dir):
     tmp = tmp_path_factory.mktemp("async")
-    torch.manual_seed(1)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
-    model = LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(tmp / "model")
-    for f in smollm2_tokenizer_dir.iterdir():
-        shutil.copy(f, tmp / "model" / f.name)
+    _, model = tiny_llama_dir(tmp / "model", smollm2_tokenizer_dir, seed=1, num_hidden_layers=2,
+                              max_position_embeddings=128)
     return tmp, model
 
 

@@ -1,17 +1,13 @@
 """Many adapters in one batch on a tiny random Llama, against transformers + PEFT."""
 
-import shutil
-
 import pytest
-import torch
 from peft import LoraConfig
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from server.config import EngineConfig
 from server.engine import LLMEngine
 from server.errors import UnknownAdapter
 from server.sampling_params import SamplingParams
-from tests.engine_helpers import run_all
+from tests.engine_helpers import run_all, tiny_llama_dir
 from tests.peft_helpers import build_adapters, peft_greedy
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -31,14 +27,7 @@ CONFIGS = {
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, smollm2_tokenizer_dir):
     tmp = tmp_path_factory.mktemp("lora_tiny")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
-    base = LlamaForCausalLM(cfg).eval()
-    model_dir = tmp / "model"
-    base.save_pretrained(model_dir)
-    for f in smollm2_tokenizer_dir.iterdir():
-        shutil.copy(f, model_dir / f.name)
+    model_dir, base = tiny_llama_dir(tmp / "model", smollm2_tokenizer_dir)
     models, paths = build_adapters(base, CONFIGS, tmp / "adapters", std=0.3)
     engine = LLMEngine(EngineConfig(model=str(model_dir), pool_bytes=8 * 2**20, max_num_batched_tokens=32,
                                     adapter_store_dir=str(tmp / "store")))

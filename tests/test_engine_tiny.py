@@ -1,30 +1,18 @@
 """Engine end to end on tiny random Llamas saved as HF dirs, against transformers."""
 
-import shutil
-
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from server.config import EngineConfig
 from server.engine import LLMEngine
 from server.sampling_params import SamplingParams
-from tests.engine_helpers import hf_greedy, run_all
+from tests.engine_helpers import hf_greedy, run_all, tiny_llama_dir
 
 PROMPTS = {"p0": [5, 9, 3], "p1": list(range(10, 47)), "p2": [200], "p3": [7, 7, 7, 7, 8, 9, 100, 101]}
 
 
-def _tiny_dir(tmp_path, tokenizer_dir, tied: bool, **kw):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=kw.pop("kv_heads", 2), vocab_size=256, max_position_embeddings=256,
-                      tie_word_embeddings=tied, rms_norm_eps=1e-5, **kw)
-    model = LlamaForCausalLM(cfg).eval()
-    out = tmp_path / "model"
-    model.save_pretrained(out, max_shard_size="100KB")
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, out / f.name)
-    return out, model
+def _tiny_dir(tmp_path, tokenizer_dir, tied: bool, kv_heads: int = 2, **kw):
+    return tiny_llama_dir(tmp_path / "model", tokenizer_dir, tie_word_embeddings=tied,
+                          num_key_value_heads=kv_heads, **kw)
 
 
 @pytest.mark.parametrize("tied,kv_heads", [(False, 2), (True, 1), (False, 4)])
