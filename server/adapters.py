@@ -65,8 +65,7 @@ class AdapterManager:
         self._loading: dict[int, Future[None]] = {}
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
         self.retired: list[int] = []  # uids whose last request ended after deletion; engine drains
-        self.host_loads_total = 0
-        self.host_load_seconds: list[float] = []
+        self._host_load_seconds: list[float] = []  # appended by the loader thread, drained by metrics
         for meta in store.list():
             self._register(meta)
 
@@ -147,6 +146,12 @@ class AdapterManager:
         with self._lock:
             return sorted(self._by_name.values(), key=lambda r: r.adapter_id)
 
+    def drain_host_load_seconds(self) -> list[float]:
+        """Durations of disk -> host loads since the last call."""
+        with self._lock:
+            out, self._host_load_seconds = self._host_load_seconds, []
+            return out
+
     def drain_retired(self) -> list[int]:
         with self._lock:
             out, self.retired = self.retired, []
@@ -180,8 +185,8 @@ class AdapterManager:
             parsed = self._read(ref)
             ref.spec = self._spec(ref.uid, ref.adapter_id, parsed)
             self.host.put(ref.uid, parsed)
-            self.host_loads_total += 1
-            self.host_load_seconds.append(time.perf_counter() - start)
+            with self._lock:
+                self._host_load_seconds.append(time.perf_counter() - start)
         except Exception as exc:  # surfaced to the adapter's waiting requests by the engine
             log.exception("loading adapter %s failed", ref.adapter_id, extra={"adapter_id": ref.adapter_id})
             ref.failed = exc

@@ -144,6 +144,9 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def drain_load_times(self) -> list[tuple[str, float]]:
+        return self.engine.drain_load_times()
+
     # ---- the engine thread ----------------------------------------------------------------
     def _loop(self) -> None:
         draining = False

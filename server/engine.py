@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,7 @@ class LLMEngine:
                                     config.max_adapters_per_step)
         self.scheduler = Scheduler(sched_cfg, self.pool, self.layout, self.adapters)
         self._live: dict[str, PreparedRequest] = {}
+        self._device_load_seconds: list[float] = []  # host -> pool copies; drained by metrics
         log.info("engine ready: model=%s dtype=%s device=%s backend=%s pool=%d pages x %d bytes "
                  "(%.1f MiB, block_size=%d, page_elems=%d) max_model_len=%d adapters_on_disk=%d",
                  self.model_name, config.dtype, device, backend.name, num_pages, page_bytes,
@@ -154,7 +156,9 @@ class LLMEngine:
         outputs = self._fail_unloadable()
         out = self.scheduler.schedule()
         for table in out.adapter_loads:
+            start = time.perf_counter()
             self.runner.write_adapter(table, self.adapters.host_weights(table.uid))
+            self._device_load_seconds.append(time.perf_counter() - start)
         sampled = self.runner.execute(out, self.scheduler.residency.page_table, self._row)
         touched = self.scheduler.update(out, {rid: s.token_id for rid, s in sampled.items()})
         for req in touched:
@@ -218,6 +222,13 @@ class LLMEngine:
 
     def adapter_info(self, ref: AdapterRef) -> AdapterInfo:
         return describe(ref, self.scheduler.residency.is_resident(ref.uid), ref.uid in self.adapters.host)
+
+    def drain_load_times(self) -> list[tuple[str, float]]:
+        """(tier, seconds) of adapter loads since the last call: "host" = disk -> host memory,
+        "device" = host memory -> pool pages."""
+        device, self._device_load_seconds = self._device_load_seconds, []
+        host = self.adapters.drain_host_load_seconds()
+        return [("host", t) for t in host] + [("device", t) for t in device]
 
     def stats(self) -> EngineStats:
         sched, res = self.scheduler, self.scheduler.residency

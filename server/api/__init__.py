@@ -1,0 +1,1 @@
+"""The HTTP layer: an OpenAI-compatible FastAPI app over the in-process engine."""

@@ -1,0 +1,142 @@
+"""Prometheus metrics: request counters and latency histograms fed by the routes, engine gauges read
+from ``engine.stats()`` at scrape time.
+
+Each app gets its own ``CollectorRegistry`` so two servers in one process (tests) don't collide.
+The ``adapter`` label is the adapter id, or the base model's id for base requests; ids that did not
+resolve are counted as ``unresolved`` so a client can't grow the label set with garbage names.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import Request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PREFIX = "lora_server"
+UNRESOLVED = "unresolved"
+ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+UPLOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class EngineCollector(Collector):
+    """Gauges and counters that mirror ``engine.stats()``; read on every scrape, never cached."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._engine.stats()
+        yield _gauge("num_requests_running", "Requests running in the engine.", s.num_running)
+        yield _gauge("num_requests_waiting", "Requests waiting for a slot or an adapter.", s.num_waiting)
+        pages = GaugeMetricFamily(f"{PREFIX}_pool_pages", "Pool pages by use.", labels=["kind"])
+        pages.add_metric(["kv"], s.pool_pages_kv)
+        pages.add_metric(["adapter"], s.pool_pages_adapter)
+        pages.add_metric(["free"], s.pool_pages_free)
+        yield pages
+        yield _gauge("pool_pages_total", "Pages in the unified pool.", s.pool_pages_total)
+        yield _gauge("pool_page_bytes", "Bytes per pool page.", s.page_bytes)
+        adapters = GaugeMetricFamily(f"{PREFIX}_adapters", "Adapters by where they are.", labels=["location"])
+        adapters.add_metric(["device"], s.adapters_resident)
+        adapters.add_metric(["host"], s.adapters_host)
+        adapters.add_metric(["disk"], s.adapters_stored)
+        yield adapters
+        yield _counter("adapter_loads", "Adapter copies into pool pages.", s.adapter_loads_total)
+        yield _counter("adapter_evictions", "Adapters evicted from pool pages.", s.adapter_evictions_total)
+        yield _counter("preemptions", "Requests preempted for lack of pages.", s.preemptions_total)
+        yield _gauge("host_cache_bytes", "Bytes of adapter weights in the host cache.", s.host_cache_bytes)
+        yield _lora_requests_info(s)
+
+
+def _lora_requests_info(s: Any) -> GaugeMetricFamily:
+    """vLLM's ``lora_requests_info``: labels carry the state, the value is the scrape time.
+
+    LoRA-aware routers (e.g. the Gateway API inference extension) pick the replica that already has
+    an adapter running from these labels.
+    """
+    info = GaugeMetricFamily(
+        "lora_requests_info",
+        "Running and waiting LoRA adapters (comma-separated) and the adapter capacity.",
+        labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+    )
+    info.add_metric(
+        [",".join(sorted(set(s.running_adapters))), ",".join(sorted(set(s.waiting_adapters))),
+         str(s.max_loras)],
+        time.time(),
+    )
+    return info
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+class ServerMetrics:
+    def __init__(self, engine: Any) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(f"{PREFIX}_requests", "Inference requests by endpoint, adapter and status.",
+                                ["endpoint", "adapter", "status"], registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed.", ["adapter"],
+                                     registry=r)
+        self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated.", ["adapter"],
+                                         registry=r)
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Time to first token.", ["adapter"],
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram(f"{PREFIX}_inter_token_latency_seconds", "Time between generated tokens.",
+                             ["adapter"], buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram(f"{PREFIX}_request_latency_seconds", "Engine request latency, end to end.",
+                             ["adapter"], buckets=E2E_BUCKETS, registry=r)
+        self.upload = Histogram(f"{PREFIX}_adapter_upload_seconds",
+                                "Adapter upload: validation and atomic store.", buckets=UPLOAD_BUCKETS,
+                                registry=r)
+        self.adapter_load = Histogram(f"{PREFIX}_adapter_load_seconds",
+                                      "Adapter load latency: disk -> host memory, host -> pool pages.",
+                                      ["tier"], buckets=LOAD_BUCKETS, registry=r)
+        r.register(EngineCollector(engine))
+        self._engine = engine
+
+    def render(self) -> tuple[bytes, str]:
+        for tier, seconds in self._engine.drain_load_times():
+            self.adapter_load.labels(tier).observe(seconds)
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def count_request(self, endpoint: str, adapter: str, status: int) -> None:
+        self.requests.labels(endpoint, adapter, str(status)).inc()
+
+    def on_request_error(self, request: Request, status: int) -> None:
+        """Error-handler hook: count failed inference requests (others aren't in this metric)."""
+        endpoint = ENDPOINTS.get(request.url.path)
+        if endpoint is not None and not getattr(request.state, "counted", False):
+            request.state.counted = True
+            self.count_request(endpoint, getattr(request.state, "adapter_label", UNRESOLVED), status)
+
+    def observe_tokens(self, adapter: str, first: bool, elapsed: float, num_tokens: int) -> None:
+        """One streamed output of ``num_tokens`` tokens, ``elapsed`` after the previous one (or after
+        submission when ``first``)."""
+        if num_tokens <= 0:
+            return
+        if first:
+            self.ttft.labels(adapter).observe(elapsed)
+            num_tokens -= 1
+            elapsed = 0.0
+        per_token = elapsed / num_tokens if num_tokens else 0.0
+        for _ in range(num_tokens):
+            self.itl.labels(adapter).observe(per_token)
+
+    def observe_finished(self, adapter: str, prompt_tokens: int, output_tokens: int, latency: float) -> None:
+        self.prompt_tokens.labels(adapter).inc(prompt_tokens)
+        self.generation_tokens.labels(adapter).inc(output_tokens)
+        self.e2e.labels(adapter).observe(latency)

@@ -1,0 +1,217 @@
+"""Request and response bodies, in OpenAI's schema (plus ``adapter_id`` and vLLM's extras).
+
+Requests validate types and coarse ranges here (a bad type is a 400 naming the field); the value
+rules of sampling live in ``SamplingParams``, which raises ``InvalidRequest(param=...)`` too.
+Unknown request fields are ignored, as OpenAI-compatible servers commonly do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_N = 16
+
+ADAPTER_ID_DOC = (
+    "Serve with this LoRA adapter (wins over `model`). Unset with `model` naming the base model or "
+    "absent: the base model. An unknown id is a 404, never a silent fall-back."
+)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(False, description="Send a last chunk with `usage` and no choices.")
+
+
+class _SamplingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, description="The base model's id, or an adapter id.")
+    adapter_id: str | None = Field(None, description=ADAPTER_ID_DOC)
+    temperature: float | None = Field(None, description="0 = greedy. Default 1.")
+    top_p: float | None = None
+    top_k: int | None = Field(None, description="-1 or 0 = off.")
+    seed: int | None = Field(None, description="Per-request seed; choice i of n uses seed + i.")
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int | None = None
+    n: int = Field(1, ge=1, le=MAX_N, description=f"Choices per prompt (at most {MAX_N}).")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="End-user id; logged, not used.")
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="Text, texts, token ids, or lists of token ids; each prompt is its own choice(s)."
+    )
+    max_tokens: int | None = Field(16, description="Tokens to generate at most. Default 16.")
+    logprobs: int | None = Field(None, description="Return this many top logprobs per token (0..20).")
+    echo: bool = Field(False, description="Not supported (must be false).")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, description="Default: whatever the context leaves.")
+    max_completion_tokens: int | None = Field(None, description="Alias of max_tokens (newer OpenAI name).")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, description="Alternatives per token when logprobs is true.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lora-server"
+    root: str | None = None
+    parent: str | None = Field(None, description="For an adapter: the base model's id.")
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class AdapterCard(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    uid: int = Field(..., description="Unique per upload: a re-uploaded id gets a new uid.")
+    parent: str = Field(..., description="The base model's id.")
+    rank: int = Field(..., description="Largest rank over the adapter's modules.")
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    checksum: str
+    location: Literal["disk", "host", "device"] = Field(..., description="Where the weights are now.")
+    requests_served: int
+    created: int
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterCard]
+
+
+class AdapterDeleted(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool = True
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: str
