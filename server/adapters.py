@@ -16,7 +16,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +64,9 @@ class AdapterManager:
         self._by_uid: dict[int, AdapterRef] = {}
         self._loading: dict[int, Future[None]] = {}
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
+        # Called (on the loader thread) when an adapter reaches host memory, so an engine loop
+        # that is idling on requests waiting for it can wake at once.
+        self.on_loaded: Callable[[], None] = lambda: None
         self.retired: list[int] = []  # uids whose last request ended after deletion; engine drains
         self._host_load_seconds: list[float] = []  # appended by the loader thread, drained by metrics
         for meta in store.list():
@@ -192,6 +195,7 @@ class AdapterManager:
             ref.failed = exc
         finally:
             self._loading.pop(ref.uid, None)
+            self.on_loaded()
 
     def _read(self, ref: AdapterRef) -> ParsedAdapter:
         return load_peft_adapter(ref.path, self.model, self.max_rank, self.dtype)

@@ -29,6 +29,7 @@ from server.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 STATS_LOG_SECONDS = 10.0  # how often a busy engine logs its load and pool usage
+IDLE_WAIT_SECONDS = 0.01  # longest nap while requests wait on adapter loads (a load's end wakes it)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class _Stream:
 class AsyncEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.engine = LLMEngine(config)
+        self.engine.adapters.on_loaded = self._wake_up
         self.config = config
         self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
@@ -48,6 +50,9 @@ class AsyncEngine:
         self._draining = False
         self._lock = threading.Lock()  # guards _streams (event loop thread vs engine thread)
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+
+    def _wake_up(self) -> None:
+        self._wake.set()
 
     # the engine's read-only facts, for the API
     @property
@@ -162,8 +167,11 @@ class AsyncEngine:
                     next_log = time.monotonic() + STATS_LOG_SECONDS
             elif draining:
                 break
-            else:
-                self._wake.wait(0.05)
+            if not busy or not self.engine.scheduler.running:
+                # Idle, or every request waits (for an adapter being read from disk, or for pages):
+                # stepping again at once would only spin and hold the GIL the loader thread needs.
+                # New requests, aborts and finished adapter loads set the event.
+                self._wake.wait(0.05 if not busy else IDLE_WAIT_SECONDS)
                 self._wake.clear()
         log.info("engine loop stopped")
 

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from kernels.backend import KernelBackend
     from kernels.lora import LoraBatch
 
+QKV = ("q_proj", "k_proj", "v_proj")  # LoRA modules that read the same input, fused output columns
+GATE_UP = ("gate_proj", "up_proj")
+
 
 @dataclass
 class LayerWeights:
@@ -84,9 +87,7 @@ class LlamaModel:
         qs, kvs = cfg.q_size, cfg.kv_size
         qkv = F.linear(x, lw.qkv)
         if lora is not None:
-            lora.apply(i, "q_proj", x, qkv[:, :qs])
-            lora.apply(i, "k_proj", x, qkv[:, qs : qs + kvs])
-            lora.apply(i, "v_proj", x, qkv[:, qs + kvs :])
+            lora.apply_group(i, QKV, x, qkv, (qs, kvs, kvs))
         q = qkv[:, :qs].view(t, cfg.num_heads, cfg.head_dim)
         k = qkv[:, qs : qs + kvs].view(t, cfg.num_kv_heads, cfg.head_dim)
         v = qkv[:, qs + kvs :].view(t, cfg.num_kv_heads, cfg.head_dim)
@@ -96,17 +97,16 @@ class LlamaModel:
         o = self.backend.paged_attention(q, kv_pages, attn, i, self.scale).reshape(t, qs)
         out = F.linear(o, lw.o)
         if lora is not None:
-            lora.apply(i, "o_proj", o, out)
+            lora.apply_group(i, ("o_proj",), o, out, (out.shape[1],))
         return out
 
     def _mlp(self, i: int, lw: LayerWeights, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
         inter = self.config.intermediate_size
         gate_up = F.linear(x, lw.gate_up)
         if lora is not None:
-            lora.apply(i, "gate_proj", x, gate_up[:, :inter])
-            lora.apply(i, "up_proj", x, gate_up[:, inter:])
+            lora.apply_group(i, GATE_UP, x, gate_up, (inter, inter))
         a = swiglu(gate_up)
         out = F.linear(a, lw.down)
         if lora is not None:
-            lora.apply(i, "down_proj", a, out)
+            lora.apply_group(i, ("down_proj",), a, out, (out.shape[1],))
         return out

@@ -1,0 +1,151 @@
+"""``python -m benchmarks.run [--quick]``: every scenario on every system, one after another.
+
+Each (system, scenario, repeat) runs in a fresh subprocess (benchmarks/worker.py, or the vLLM venv's
+python for vLLM), never two at once: on 2 cores a second busy process distorts any measurement.
+Results: a markdown table and the targets on stdout, JSON and PNG plots in benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmarks import report
+from benchmarks.metrics import cpu_note
+from benchmarks.scenarios import FAMILIES, Plan, cold_adapters, family, plans
+from benchmarks.workload import make_requests, save_requests
+
+log = logging.getLogger("benchmarks")
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "benchmarks" / ".cache"
+VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--quick", action="store_true", help="small scenarios, no vLLM: < 3 minutes")
+    p.add_argument("--repeat", type=int, default=None, help="runs per measurement (default 2, quick 1)")
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the system under test")
+    p.add_argument("--systems", default="ours,http,hf_peft,vllm", help="comma-separated subset")
+    p.add_argument("--scenarios", default=None, help="comma-separated subset of scenario names")
+    p.add_argument("--no-cold-hot", action="store_true", help="skip the cold-vs-hot TTFT measurement")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--tag", default="", help="suffix of the result file names (e.g. before/after)")
+    return p.parse_args(argv)
+
+
+def prepare_adapters(needed: set[str]) -> dict[str, Path]:
+    """Generate (once) and return the root dir of each adapter family in ``needed``."""
+    import torch
+
+    from benchmarks.adapters import ensure_adapters
+    from server.loader import load_model
+
+    cfg = load_model(None, torch.float32, torch.device("cpu")).config
+    roots = {name: ensure_adapters(CACHE / "adapters" / name, family(name), cfg, torch.bfloat16)
+             for name in sorted(needed) if name in FAMILIES}
+    marker = CACHE / "adapters" / ".validated"
+    if not marker.exists():  # once per cache: a few of each family must load in peft itself
+        from benchmarks.adapters import validate_with_peft
+        from benchmarks.systems.hf_peft import load_base
+
+        dirs = [roots[f] / s.adapter_id for f in roots for s in family(f)[3:5]]
+        validate_with_peft(load_base(torch.float32), dirs)
+        marker.touch()
+    return roots
+
+
+def run_job(job: dict, workdir: Path) -> dict | None:
+    """Run one job in a subprocess; its result dict, or None (logged) if it failed."""
+    name = f"{job['scenario']['name']}-{job['system']}-{job.get('kind', 'tp')}-{job['repeat']}"
+    job_path, out_path = workdir / f"{name}.job.json", workdir / f"{name}.out.json"
+    job_path.write_text(json.dumps(job))
+    if job["system"] == "vllm":
+        cmd = [str(VLLM_PY), "-m", "benchmarks.systems.vllm_worker", str(job_path), str(out_path)]
+        env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4",
+               "VLLM_CACHE_ROOT": str(workdir / "vllm-cache")}
+    else:
+        cmd = [sys.executable, "-m", "benchmarks.worker", str(job_path), str(out_path)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "OMP_WAIT_POLICY": "PASSIVE"}
+    note = cpu_note()
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, check=False)
+    if proc.returncode != 0 or not out_path.is_file():
+        log.error("%s failed (exit %d)", name, proc.returncode)
+        return None
+    result = json.loads(out_path.read_text())
+    result.update(load_before=note, elapsed_s=time.perf_counter() - start)
+    log.info("%s: %.1f tok/s (%s)", name, result.get("tok_s", 0.0), note)
+    return result
+
+
+def base_job(args: argparse.Namespace, plan: Plan, roots: dict[str, Path], workdir: Path) -> dict:
+    sc = plan.scenario
+    specs = family(plan.family)[: sc.num_adapters] if plan.family else []
+    req_path = workdir / f"{sc.name}.requests.json"
+    save_requests(req_path, make_requests(sc, specs))
+    root = roots.get(plan.family or "", workdir / "empty-store")
+    return {"scenario": sc.to_json(), "requests": str(req_path), "adapter_root": str(root),
+            "dtype": args.dtype, "threads": args.threads, "max_num_seqs": sc.max_num_seqs,
+            "pool_bytes": 2 * 2**30, "peft_batch": 32,
+            "warmup_adapter": specs[0].adapter_id if specs else None,
+            "model_dir": str(CACHE / "smollm2-hf")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    repeat = args.repeat or (1 if args.quick else 2)
+    systems = set(args.systems.split(","))
+    if "vllm" in systems and not VLLM_PY.exists():
+        log.warning("no .venv-vllm (run `make bench-peers`): vLLM-CPU is skipped")
+        systems.discard("vllm")
+    wanted = args.scenarios.split(",") if args.scenarios else None
+    chosen = [p for p in plans(args.quick) if wanted is None or p.scenario.name in wanted]
+    roots = prepare_adapters({p.family for p in chosen if p.family} | {"k2"})
+    if "vllm" in systems:
+        from benchmarks.model_dir import ensure_hf_dir
+
+        ensure_hf_dir(CACHE / "smollm2-hf")
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        workdir = Path(tmp)
+        for plan in chosen:
+            job = base_job(args, plan, roots, workdir)
+            for system in [s for s in plan.systems if s in systems]:
+                for r in range(repeat):
+                    res = run_job({**job, "system": system, "repeat": r}, workdir)
+                    results.append({"scenario": plan.scenario.name, "system": system, "repeat": r,
+                                    "num_adapters": plan.scenario.num_adapters, "result": res})
+        cold_hot = {} if args.no_cold_hot else measure_cold_hot(args, roots, workdir, systems, repeat)
+    meta = {"args": {k: str(v) for k, v in vars(args).items()}, "repeat": repeat,
+            "scenarios": [asdict(p.scenario) for p in chosen], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    report.write_all(args.out, args.tag or ("quick" if args.quick else "full"), meta, results, cold_hot)
+    return 0
+
+
+def measure_cold_hot(args: argparse.Namespace, roots: dict[str, Path], workdir: Path, systems: set[str],
+                     repeat: int) -> dict[str, list[dict]]:
+    """Cold (disk-only adapter) vs hot TTFT of a lone request, for our engine and our server."""
+    plan = Plan(plans(args.quick)[0].scenario, "k2", ())
+    job = {**base_job(args, plan, roots, workdir), "kind": "cold_hot",
+           "cold_adapters": cold_adapters(args.quick)}
+    out: dict[str, list[dict]] = {}
+    for system in ("ours",) if args.quick else ("ours", "http"):
+        if system in systems:
+            runs = [run_job({**job, "system": system, "repeat": r}, workdir) for r in range(repeat)]
+            out[system] = [r for r in runs if r is not None]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

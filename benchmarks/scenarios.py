@@ -1,0 +1,66 @@
+"""The scenarios of ``make bench`` (full) and ``make bench-quick``, and which systems run each.
+
+Adapter families (generated once, cached under ``benchmarks/.cache``):
+* ``mix``: ranks cycling 8, 16, 32, 64; every other group of four targets all seven linear modules,
+  the rest q, k, v, o (the "64 adapters of mixed ranks" scenario and the PEFT comparison).
+* ``k2``: 2,000 adapters of ranks 8 and 16 on q, k, v, o (bf16 files: 5.5 GB on disk; the full
+  rank mix on seven modules would be ~25 GB). The 8-adapter scenario draws from the same family so
+  that "2,000 vs 8 adapters" compares like with like: only the number of distinct adapters differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from benchmarks.workload import AdapterSpec, Scenario, adapter_specs
+
+FAMILIES: dict[str, tuple[int, tuple[int, ...], int]] = {  # name: (count, ranks, all_modules_every)
+    "mix": (64, (8, 16, 32, 64), 2),
+    "k2": (2000, (8, 16), 0),
+}
+
+
+def family(name: str) -> list[AdapterSpec]:
+    count, ranks, every = FAMILIES[name]
+    return adapter_specs(count, ranks, every, prefix=name)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A scenario, its adapter family and the systems that run it."""
+
+    scenario: Scenario
+    family: str | None
+    systems: tuple[str, ...]
+
+
+def plans(quick: bool) -> list[Plan]:
+    """Full: every system everywhere it applies. Quick (< 3 minutes, for regressions): fewer and
+    shorter requests, the HTTP server only where it matters most, no vLLM (~25 s start-up each)."""
+    n, out = (32, (12, 24)) if quick else (64, (48, 80))
+    common = dict(num_requests=n, output_len=out)
+    peers = ("ours", "http", "hf_peft", "vllm")
+    lean = ("ours",) if quick else ("ours", "http", "vllm")
+    result = [
+        Plan(Scenario("base", **common), None, peers),
+        Plan(Scenario("a8", num_adapters=8, **common), "k2", lean if quick else peers),
+        Plan(Scenario("a64", num_adapters=64, **common), "mix", peers),
+        Plan(Scenario("a2000", num_adapters=2000, **common), "k2", lean),
+        # The PEFT comparison: 32 concurrent requests over the 64 mixed adapters, PEFT batch 32.
+        Plan(Scenario("peft32", num_adapters=64, num_requests=32, output_len=out, max_num_seqs=32,
+                      seed=1), "mix", ("ours", "hf_peft")),
+    ]
+    if not quick:
+        result.append(Plan(Scenario("poisson64", num_adapters=64, choice="powerlaw", rate=2.0,
+                                    **common), "mix", ("ours", "http")))
+    if quick:
+        result = [replace(p, systems=tuple(s for s in p.systems if s not in ("vllm", "hf_peft")
+                                           or p.scenario.name == "peft32")) for p in result]
+    return result
+
+
+def cold_adapters(quick: bool) -> list[str]:
+    """Never-requested adapters of the k2 family, for the cold-vs-hot TTFT measurement."""
+    specs = family("k2")
+    return [s.adapter_id for s in specs[-(3 if quick else 6):]]
+

@@ -1,0 +1,1 @@
+"""One module per system under test; each runs in its own subprocess (see benchmarks/worker.py)."""

@@ -1,0 +1,119 @@
+"""System (b): our HTTP server (``python -m server``, a subprocess) and a streaming client.
+
+The server and this client share 2 cores. The server gets ``threads`` torch/OpenMP threads with
+``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP workers sleep instead of spinning, so the client's event
+loop gets the CPU between steps); the client is one asyncio thread parsing SSE lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+from benchmarks.metrics import RequestTiming, pid_peak_rss, summarize
+from benchmarks.systems.ours import cold_hot_summary
+from benchmarks.workload import RequestSpec
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(job: dict) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start ``python -m server`` on a free loopback port; yield its base URL once /health answers."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--threads", str(job["threads"]), "--dtype", job["dtype"],
+           "--adapter-store-dir", job["adapter_root"], "--pool-bytes", str(job["pool_bytes"]),
+           "--max-num-seqs", str(job["max_num_seqs"]), "--host-cache-bytes", str(2 * 2**30),
+           "--log-level", "warning"]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(job["threads"])}
+    proc = subprocess.Popen(cmd, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not become healthy")
+            time.sleep(0.3)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def _one(client: httpx.AsyncClient, url: str, r: RequestSpec, start: float,
+               rec: dict[str, RequestTiming]) -> None:
+    await asyncio.sleep(max(0.0, start + r.arrival - time.perf_counter()))
+    body = {"prompt": r.prompt_ids, "max_tokens": r.max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    if r.adapter_id:
+        body["adapter_id"] = r.adapter_id
+    t = rec[r.request_id] = RequestTiming(sent=time.perf_counter())
+    async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices"):
+                t.token_times.append(time.perf_counter())
+            if chunk.get("usage"):
+                t.num_tokens = chunk["usage"]["completion_tokens"]
+
+
+async def _drive(url: str, requests: list[RequestSpec]) -> tuple[dict[str, RequestTiming], float]:
+    limits = httpx.Limits(max_connections=len(requests) + 4, max_keepalive_connections=len(requests) + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        rec: dict[str, RequestTiming] = {}
+        start = time.perf_counter()
+        await asyncio.gather(*(_one(client, url, r, start, rec) for r in requests))
+        return rec, time.perf_counter() - start
+
+
+def _warm(url: str, adapter: str | None) -> None:
+    warm = RequestSpec("warmup", list(range(300, 340)), 4, adapter)
+    asyncio.run(_drive(url, [warm]))
+
+
+def run(job: dict, requests: list[RequestSpec]) -> dict:
+    with server(job) as (url, proc):
+        _warm(url, job.get("warmup_adapter"))
+        rec, wall = asyncio.run(_drive(url, requests))
+        return summarize(list(rec.values()), wall, pid_peak_rss(proc.pid))
+
+
+def cold_vs_hot(job: dict, adapters: list[str]) -> dict:
+    with server(job) as (url, _):
+        _warm(url, None)
+        cold, hot = [], []
+        for name in adapters:
+            for sink in (cold, hot):
+                rec, _ = asyncio.run(_drive(url, [RequestSpec("x", list(range(500, 564)), 2, name)]))
+                sink.append(rec["x"].ttft())
+        return cold_hot_summary(cold, hot)

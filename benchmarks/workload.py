@@ -1,0 +1,108 @@
+"""S-LoRA-style synthetic workloads: which adapter, how long a prompt and output, when it arrives.
+
+Plain data only (stdlib): the vLLM worker runs in another venv and imports this module too.
+Requests carry token ids, not text, so every system sees exactly the same prompts, and
+``max_tokens`` with EOS ignored, so every system generates exactly the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RANKS = (8, 16, 32, 64)
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_MODULES = ATTN_MODULES + ("gate_proj", "up_proj", "down_proj")
+# Token ids drawn for prompts: skip the low ids, where SmolLM2 keeps its special tokens.
+PROMPT_TOKEN_RANGE = (200, 40_000)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One synthetic adapter: its id, rank and target modules."""
+
+    adapter_id: str
+    rank: int
+    targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request; ``arrival`` is seconds after the start (0 for a closed loop)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    adapter_id: str | None
+    arrival: float = 0.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A workload: N adapters of ranks from ``ranks``, requests choosing among them."""
+
+    name: str
+    num_requests: int
+    num_adapters: int = 0  # 0 = base model only
+    ranks: tuple[int, ...] = RANKS
+    all_modules_every: int = 2  # every k-th adapter targets all seven modules, the rest q,k,v,o
+    choice: str = "uniform"  # uniform | powerlaw
+    powerlaw_alpha: float = 1.0
+    prompt_len: tuple[int, int] = (32, 128)  # uniform in [lo, hi]
+    output_len: tuple[int, int] = (48, 80)
+    rate: float | None = None  # Poisson arrivals per second; None = all at once (closed loop)
+    max_num_seqs: int = 64
+    seed: int = 0
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def adapter_specs(n: int, ranks: tuple[int, ...] = RANKS, all_modules_every: int = 2,
+                  prefix: str = "bench") -> list[AdapterSpec]:
+    """``n`` adapters cycling through ``ranks``; every ``all_modules_every``-th targets all modules.
+
+    Deterministic in ``n``: adapter ``i`` is the same in every scenario, so one cache serves all.
+    """
+    out = []
+    for i in range(n):
+        rank = ranks[i % len(ranks)]
+        targets = ALL_MODULES if all_modules_every and (i // len(ranks)) % all_modules_every else ATTN_MODULES
+        out.append(AdapterSpec(f"{prefix}-{i:04d}-r{rank}-{len(targets)}m", rank, targets))
+    return out
+
+
+def _choose(rng: random.Random, n: int, choice: str, alpha: float) -> int:
+    if choice == "uniform":
+        return rng.randrange(n)
+    if choice == "powerlaw":
+        weights = [1.0 / (k + 1) ** alpha for k in range(n)]
+        return rng.choices(range(n), weights=weights)[0]
+    raise ValueError(f"unknown adapter choice {choice!r}")
+
+
+def make_requests(sc: Scenario, adapters: list[AdapterSpec]) -> list[RequestSpec]:
+    """The scenario's requests, reproducible from its seed."""
+    rng = random.Random(sc.seed)
+    t = 0.0
+    out = []
+    for i in range(sc.num_requests):
+        plen = rng.randint(*sc.prompt_len)
+        prompt = [rng.randint(*PROMPT_TOKEN_RANGE) for _ in range(plen)]
+        adapter = adapters[_choose(rng, len(adapters), sc.choice, sc.powerlaw_alpha)].adapter_id \
+            if sc.num_adapters else None
+        if sc.rate:
+            t += rng.expovariate(sc.rate)
+        out.append(RequestSpec(f"{sc.name}-{i}", prompt, rng.randint(*sc.output_len), adapter, t))
+    return out
+
+
+def save_requests(path: Path, requests: list[RequestSpec]) -> None:
+    path.write_text(json.dumps([asdict(r) for r in requests]))
+
+
+def load_requests(path: Path) -> list[RequestSpec]:
+    return [RequestSpec(**d) for d in json.loads(path.read_text())]
