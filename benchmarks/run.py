@@ -75,7 +75,7 @@ def run_job(job: dict, workdir: Path) -> dict | None:
                "VLLM_CACHE_ROOT": str(workdir / "vllm-cache")}
     else:
         cmd = [sys.executable, "-m", "benchmarks.worker", str(job_path), str(out_path)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "OMP_WAIT_POLICY": "PASSIVE"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "GOMP_SPINCOUNT": "20000"}
     note = cpu_note()
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, check=False)

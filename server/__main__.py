@@ -22,6 +22,7 @@ from server.settings import ServerSettings, parse_settings
 logger = logging.getLogger("server")
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+SPINCOUNT = "20000"  # libgomp spin iterations before an idle worker sleeps (~tens of microseconds)
 
 
 def resolve_threads(settings: ServerSettings) -> int:
@@ -39,6 +40,12 @@ def configure_threads(threads: int) -> None:
     or OpenMP sizes its pool from the core count and oversubscribes a shared machine."""
     for name in THREAD_ENV:
         os.environ[name] = str(threads)
+    # OpenMP workers spin briefly between the many small ops of a step, then sleep. PASSIVE
+    # (sleep at once) makes each small op pay a wake-up: measured 409 vs 740 tok/s for a bf16
+    # decode step of 64 requests on 2 cores; ACTIVE (spin for long) would starve the HTTP thread
+    # and any other process between steps. An explicit GOMP_SPINCOUNT or OMP_WAIT_POLICY wins.
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", SPINCOUNT)
     import torch
 
     torch.set_num_threads(threads)
