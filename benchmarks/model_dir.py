@@ -31,3 +31,29 @@ def ensure_hf_dir(out: Path) -> Path:
     model.save_pretrained(out)
     log.info("saved the HF model dir for peers at %s", out)
     return out
+
+
+def ensure_serving_dir(out: Path) -> Path:
+    """Save (once) the default SmolLM2 as an fp32 HF dir for our own engine and server.
+
+    Each benchmark job is a fresh process; reading the GGUF (metadata, tokenizer, Q4_1
+    dequantization) costs ~10 s per job, safetensors ~1 s. The weights are exactly what our GGUF
+    loader produces (dequantized, q/k un-permuted), so the served model is the same.
+    """
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    import json
+
+    from safetensors.torch import save_file
+
+    from server.gguf_loader import GGUFFile
+    from server.loader import default_model_path, load_model
+
+    loaded = load_model(None, torch.float32, torch.device("cpu"))
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in loaded.weights.items()}, str(out / "model.safetensors"))
+    loaded.tokenizer.hf.save_pretrained(out)
+    config = GGUFFile(default_model_path()).hf_config_dict()
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    log.info("saved the serving model dir at %s", out)
+    return out

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from benchmarks import report
 from benchmarks.metrics import cpu_note
+from benchmarks.model_dir import ensure_serving_dir
 from benchmarks.scenarios import FAMILIES, Plan, cold_adapters, family, plans
 from benchmarks.workload import make_requests, save_requests
 
@@ -27,6 +28,7 @@ log = logging.getLogger("benchmarks")
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / ".cache"
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+SERVING_DIR = CACHE / "smollm2-serving-fp32"  # the default model as safetensors: fast to load per job
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,9 +50,10 @@ def prepare_adapters(needed: set[str]) -> dict[str, Path]:
     import torch
 
     from benchmarks.adapters import ensure_adapters
-    from server.loader import load_model
+    from server.gguf_loader import GGUFFile
+    from server.loader import default_model_path
 
-    cfg = load_model(None, torch.float32, torch.device("cpu")).config
+    cfg = GGUFFile(default_model_path()).config()  # metadata only: no weights needed here
     roots = {name: ensure_adapters(CACHE / "adapters" / name, family(name), cfg, torch.bfloat16)
              for name in sorted(needed) if name in FAMILIES}
     marker = CACHE / "adapters" / ".validated"
@@ -98,7 +101,7 @@ def base_job(args: argparse.Namespace, plan: Plan, roots: dict[str, Path], workd
             "dtype": args.dtype, "threads": args.threads, "max_num_seqs": sc.max_num_seqs,
             "pool_bytes": 2 * 2**30, "peft_batch": 32,
             "warmup_adapter": specs[0].adapter_id if specs else None,
-            "model_dir": str(CACHE / "smollm2-hf")}
+            "model_dir": str(CACHE / "smollm2-hf"), "serving_dir": str(SERVING_DIR)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = args.scenarios.split(",") if args.scenarios else None
     chosen = [p for p in plans(args.quick) if wanted is None or p.scenario.name in wanted]
     roots = prepare_adapters({p.family for p in chosen if p.family} | {"k2"})
+    ensure_serving_dir(SERVING_DIR)
     if "vllm" in systems:
         from benchmarks.model_dir import ensure_hf_dir
 

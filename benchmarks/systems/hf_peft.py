@@ -34,14 +34,18 @@ class _StepClock(LogitsProcessor):
         return scores
 
 
-def load_base(dtype: torch.dtype) -> torch.nn.Module:
+def load_base(dtype: torch.dtype, serving_dir: str | None = None) -> torch.nn.Module:
+    """SmolLM2 in transformers: from the harness's safetensors copy when given (the same weights,
+    dequantized once; seconds instead of re-reading the GGUF), else from the GGUF file."""
+    if serving_dir:
+        return AutoModelForCausalLM.from_pretrained(serving_dir, dtype=dtype).eval()
     path = Path(default_model_path())
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
 
 
 def load_model(job: dict, adapters: list[str]) -> torch.nn.Module:
     """The base with every adapter of ``adapters`` loaded under its own name."""
-    model = load_base(getattr(torch, job["dtype"]))
+    model = load_base(getattr(torch, job["dtype"]), job.get("serving_dir"))
     if not adapters:
         return model
     from peft import PeftModel
