@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.lora_cpu import FusedEntry, GatherCache, apply_fused, build_fused
+from kernels.lora_cpu import GatherCache, apply_fused
 from kernels.lora_pages import read_lora_weights, read_matrix_rows, write_matrix_rows
 from server.page_layout import AdapterPageTable, LoraMatrixPages, PageLayout
 
@@ -232,21 +232,9 @@ class LoraBatch:
                 self.apply(layer, module, x, y[:, col : col + width])
                 col += width
             return
-        groups = [(rows, self._fused(slot, layer, modules, widths))
+        groups = [(rows, self.cache.get_fused(self.arena, self.adapters[slot], layer, modules, widths))
                   for slot, rows in self.segments.row_groups(x.device).items()]
         apply_fused(groups, x, y, self.cache.compute_dtype or self.arena.dtype)
-
-    def _fused(self, slot: int, layer: int, modules: tuple[str, ...], widths: tuple[int, ...]) -> FusedEntry:
-        table = self.adapters[slot]
-        per_adapter = self.cache.fused.setdefault(table.uid, {})
-        key = (layer, modules)
-        if key not in per_adapter:
-            mats = [table.modules.get((layer, m)) for m in modules]
-            dtype = self.cache.compute_dtype or self.arena.dtype
-            parts = [None if m is None else tuple(w.to(dtype) for w in read_lora_weights(self.arena, m))
-                     for m in mats]
-            per_adapter[key] = build_fused(parts, mats, widths)
-        return per_adapter[key]
 
     def _run_torch(self, args: LoraArgs, key: tuple[int, str], x: torch.Tensor, y: torch.Tensor) -> None:
         def weights(slot: int, mat: LoraMatrixPages) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.lora_pages import read_lora_weights
-from server.page_layout import LoraMatrixPages
+from server.page_layout import AdapterPageTable, LoraMatrixPages
 
 
 @dataclass(frozen=True)
@@ -96,26 +96,41 @@ class GatherCache:
     def __init__(self, compute_dtype: torch.dtype | None = None) -> None:
         self.compute_dtype = compute_dtype
         self._entries: dict[int, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.fused: dict[int, dict[tuple[int, tuple[str, ...]], FusedEntry]] = {}  # see lora_fused.py
+        self._fused: dict[int, dict[tuple[int, tuple[str, ...]], FusedEntry]] = {}
+
+    def _read(self, arena: torch.Tensor, mat: LoraMatrixPages) -> tuple[torch.Tensor, torch.Tensor]:
+        a, bt = read_lora_weights(arena, mat)
+        if self.compute_dtype is not None:
+            a, bt = a.to(self.compute_dtype), bt.to(self.compute_dtype)
+        return a, bt
 
     def get(
         self, arena: torch.Tensor, uid: int, key: tuple[int, str], mat: LoraMatrixPages
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B^T)`` of one (layer, module) of adapter ``uid``."""
         per_adapter = self._entries.setdefault(uid, {})
         hit = per_adapter.get(key)
         if hit is None:
-            a, bt = read_lora_weights(arena, mat)
-            if self.compute_dtype is not None:
-                a, bt = a.to(self.compute_dtype), bt.to(self.compute_dtype)
-            hit = per_adapter[key] = (a, bt)
+            hit = per_adapter[key] = self._read(arena, mat)
         return hit
+
+    def get_fused(self, arena: torch.Tensor, table: AdapterPageTable, layer: int,
+                  modules: tuple[str, ...], widths: tuple[int, ...]) -> FusedEntry:
+        """One adapter's weights for a module group of one layer (see ``build_fused``)."""
+        per_adapter = self._fused.setdefault(table.uid, {})
+        key = (layer, modules)
+        if key not in per_adapter:
+            mats = [table.modules.get((layer, m)) for m in modules]
+            parts = [None if m is None else self._read(arena, m) for m in mats]
+            per_adapter[key] = build_fused(parts, mats, widths)
+        return per_adapter[key]
 
     def drop(self, uid: int) -> None:
         self._entries.pop(uid, None)
-        self.fused.pop(uid, None)
+        self._fused.pop(uid, None)
 
     def __contains__(self, uid: int) -> bool:
-        return uid in self._entries
+        return uid in self._entries or uid in self._fused
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries.keys() | self._fused.keys())

@@ -32,3 +32,18 @@ def test_apply_group_equals_per_module(dtype: torch.dtype) -> None:
             fused.apply_group(layer, group, x, got, widths)
             # Both paths round the same fp32 sums once into y's dtype; only summation order differs.
             torch.testing.assert_close(got.double(), ref.double(), **TOL[dtype])
+
+
+def test_fused_weights_are_cached_per_uid_until_dropped() -> None:
+    torch.manual_seed(0)
+    arena = torch.randn(512, LAYOUT.page_elems)
+    adapters, _ = _model_adapters(arena, SHAPES)
+    cache = GatherCache()
+    batch = LoraBatch(arena, LAYOUT, [0, 1, 2], [0, 1], adapters[:2], "torch", cache)
+    qkv = ("q_proj", "k_proj", "v_proj")
+    widths = tuple(SHAPES[m][1] for m in qkv)
+    batch.apply_group(0, qkv, torch.randn(2, 32), torch.zeros(2, sum(widths)), widths)
+    uids = [a.uid for a in adapters[:2]]
+    assert all(uid in cache for uid in uids) and len(cache) == 2
+    cache.drop(uids[0])
+    assert uids[0] not in cache and uids[1] in cache and len(cache) == 1
