@@ -85,6 +85,16 @@ def smollm2_hf_tokenizer(smollm2_path):
 
 
 @pytest.fixture(scope="session")
+def smollm2_hf_model(smollm2_path):
+    """transformers' SmolLM2 (fp32, eval) loaded from the same GGUF: the oracle. Shared by the
+    session, so read-only: wrap a ``copy.deepcopy`` of it (as tests/peft_helpers.py does) to change it."""
+    from transformers import AutoModelForCausalLM
+
+    directory, name = os.path.split(smollm2_path)
+    return AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_path):
     """Our ``server.tokenizer.Tokenizer`` for SmolLM2."""
     from server.tokenizer import Tokenizer

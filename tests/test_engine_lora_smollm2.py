@@ -1,6 +1,5 @@
 """PEFT adapters on the real SmolLM2: our tokens and logits against transformers + PEFT."""
 
-import os
 
 import pytest
 import torch
@@ -30,12 +29,9 @@ TEXTS = ["The capital of France is", "List three colors:", "def add(a, b):", "Te
 
 
 @pytest.fixture(scope="module")
-def setup(smollm2_path, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
+def setup(smollm2_hf_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora_smol")
-    directory, name = os.path.split(smollm2_path)
-    base = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    base = smollm2_hf_model  # build_adapters wraps copies; the shared model stays untouched
     models, paths = build_adapters(base, CONFIGS, tmp / "adapters", std=0.05)
     engine = LLMEngine(EngineConfig(model=None, pool_bytes=128 * 2**20, max_num_batched_tokens=64,
                                     adapter_store_dir=str(tmp / "store")))

@@ -1,6 +1,5 @@
 """The real default model (SmolLM2-135M-Instruct, GGUF) against transformers loading the same file."""
 
-import os
 
 import pytest
 import torch
@@ -23,11 +22,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def hf_model(smollm2_path):
-    from transformers import AutoModelForCausalLM
-
-    directory, name = os.path.split(smollm2_path)
-    return AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+def hf_model(smollm2_hf_model):
+    return smollm2_hf_model
 
 
 @pytest.fixture(scope="module")

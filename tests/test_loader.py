@@ -132,13 +132,10 @@ def test_gguf_names_and_unpermute_inverts_llama_cpp_permute():
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_matches_transformers(smollm2_path):
-    from transformers import AutoModelForCausalLM
-
+def test_smollm2_gguf_matches_transformers(smollm2_path, smollm2_hf_model):
     loaded = load_model(None, torch.float32, CPU)
     assert loaded.source == f"gguf:{smollm2_path}"
-    directory, name = os.path.split(smollm2_path)
-    ref = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    ref = smollm2_hf_model
     state = {k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}  # tied
     assert ref.config.tie_word_embeddings and loaded.config.tie_word_embeddings
     _assert_same_weights(loaded.weights, state)
