@@ -212,9 +212,11 @@ def parse_adapter_config(data: dict[str, Any]) -> LoraConfigInfo:
         exclude_modules=exclude or None,
         base_model_name_or_path=str(base) if base is not None else None,
     )
-    # Model-independent guess (layer 0 only matters for list specs; regexes are probed over 256
-    # layers); load_peft_adapter replaces it with the exact set for the real model.
-    names = {n for layer in range(256) for n in LORA_MODULES if info.matches(module_key(layer, n))}
+    # Model-independent guess (a list spec matches the same names in every layer unless
+    # layers_to_transform or exclude_modules single layers out; otherwise 256 layers are probed);
+    # load_peft_adapter replaces it with the exact set for the real model.
+    probe = 256 if isinstance(spec, str) or layers or exclude else 1
+    names = {n for layer in range(probe) for n in LORA_MODULES if info.matches(module_key(layer, n))}
     return with_targets(info, names)
 
 

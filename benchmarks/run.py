@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="small scenarios, no vLLM: < 3 minutes")
     p.add_argument("--repeat", type=int, default=None, help="runs per measurement (default 2, quick 1)")
-    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="auto: bfloat16 if this CPU computes in it natively (AMX/AVX-512 BF16), else float32")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the system under test")
     p.add_argument("--systems", default="ours,http,hf_peft,vllm", help="comma-separated subset")
     p.add_argument("--scenarios", default=None, help="comma-separated subset of scenario names")
@@ -107,6 +108,13 @@ def base_job(args: argparse.Namespace, plan: Plan, roots: dict[str, Path], workd
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.dtype == "auto":  # every system gets the same concrete dtype
+        import torch
+
+        from server.engine import resolve_dtype
+
+        args.dtype = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+        log.info("dtype auto -> %s", args.dtype)
     repeat = args.repeat or (1 if args.quick else 2)
     systems = set(args.systems.split(","))
     if "vllm" in systems and not VLLM_PY.exists():

@@ -22,6 +22,7 @@ LoraShrinkFn = Callable[[torch.Tensor, torch.Tensor, LoraArgs], torch.Tensor]
 LoraExpandFn = Callable[[torch.Tensor, torch.Tensor, LoraArgs, torch.Tensor], None]
 
 BACKENDS = ("torch", "triton")
+LORA_BACKENDS = ("torch", "native", "triton")
 
 
 @dataclass(frozen=True)
@@ -53,3 +54,22 @@ def select_backend(device: torch.device, name: str | None = None) -> KernelBacke
         return KernelBackend("triton", store_kv_triton, paged_attention_triton, lora_shrink_triton,
                              lora_expand_triton)
     raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
+
+
+def select_lora_backend(device: torch.device, dtype: torch.dtype, kernel_backend: str,
+                        name: str | None = None) -> str:
+    """The LoRA implementation ``LoraBatch`` runs: ``name`` if given, else "triton" with the Triton
+    backend, else "native" (the C kernel, kernels/lora_native.py) on CPU when it builds for this
+    dtype, else "torch"."""
+    from kernels.lora_native import NATIVE_DTYPES, available
+
+    if name is None:
+        if kernel_backend == "triton":
+            return "triton"
+        native_ok = device.type == "cpu" and dtype in NATIVE_DTYPES and available()
+        return "native" if native_ok else "torch"
+    if name not in LORA_BACKENDS:
+        raise ValueError(f"unknown LoRA backend {name!r}; expected one of {LORA_BACKENDS}")
+    if name == "native" and not (device.type == "cpu" and dtype in NATIVE_DTYPES and available()):
+        raise ValueError(f"the native LoRA kernel needs a CPU, a dtype in {NATIVE_DTYPES} and a C compiler")
+    return name

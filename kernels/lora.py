@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels.lora_cpu import GatherCache, apply_fused
+from kernels.lora_native import NATIVE_DTYPES, NativeStep
+from kernels.lora_native import available as native_available
 from kernels.lora_pages import read_lora_weights, read_matrix_rows, write_matrix_rows
 from server.page_layout import AdapterPageTable, LoraMatrixPages, PageLayout
 
@@ -181,6 +183,11 @@ class LoraBatch:
         self.active = self.segments.has_adapter_tokens
         self.backend = backend
         self._run = self._select(backend)
+        self._native = None
+        if backend == "native" and self.active:
+            rows = [None if slot < 0 else self.cache.native_rows(self.adapters[slot], layout)
+                    for slot in self.segments.seg_slots]
+            self._native = NativeStep(self.segments.seg_starts, rows, layout.num_layers)
 
     @classmethod
     def empty(cls) -> LoraBatch:
@@ -192,6 +199,16 @@ class LoraBatch:
     def _select(self, backend: str) -> RunFn:
         if backend == "torch":
             return self._run_torch
+        if backend == "native":
+            if self.arena.device.type != "cpu" or self.arena.dtype not in NATIVE_DTYPES:
+                raise ValueError(f"the native LoRA kernel needs a CPU arena in {NATIVE_DTYPES}")
+            if not native_available():
+                raise ValueError("the native LoRA kernel could not be built (see the log)")
+
+            def run_native(args: LoraArgs, key: tuple[int, str], x: torch.Tensor, y: torch.Tensor) -> None:
+                self._native.apply_group(self.arena, key[0], (key[1],), x, y, (y.shape[1],))
+
+            return run_native
         if backend == "triton":
             from kernels.triton_lora import lora_expand_triton, lora_shrink_triton
 
@@ -199,7 +216,7 @@ class LoraBatch:
                 lora_expand_triton(lora_shrink_triton(x, self.arena, args), self.arena, args, y)
 
             return run
-        raise ValueError(f"unknown LoRA backend {backend!r}; expected 'torch' or 'triton'")
+        raise ValueError(f"unknown LoRA backend {backend!r}; expected 'torch', 'native' or 'triton'")
 
     def args_for(self, layer: int, module: str) -> LoraArgs | None:
         """This step's op arguments for (layer, module); None if no adapter in the batch targets it."""
@@ -225,6 +242,9 @@ class LoraBatch:
         """``apply`` for modules that share ``x``, whose outputs are consecutive column blocks of
         ``y`` of the given ``widths`` (fused q/k/v, gate/up). Same result; fewer ops on the torch path."""
         if not self.active:
+            return
+        if self._native is not None:
+            self._native.apply_group(self.arena, layer, modules, x, y, widths)
             return
         if self.backend != "torch":
             col = 0

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.lora_native import AdapterRows
 from kernels.lora_pages import read_lora_weights
-from server.page_layout import AdapterPageTable, LoraMatrixPages
+from server.page_layout import AdapterPageTable, LoraMatrixPages, PageLayout
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class GatherCache:
         self.compute_dtype = compute_dtype
         self._entries: dict[int, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = {}
         self._fused: dict[int, dict[tuple[int, tuple[str, ...]], FusedEntry]] = {}
+        self._rows: dict[int, AdapterRows] = {}
 
     def _read(self, arena: torch.Tensor, mat: LoraMatrixPages) -> tuple[torch.Tensor, torch.Tensor]:
         a, bt = read_lora_weights(arena, mat)
@@ -125,12 +127,20 @@ class GatherCache:
             per_adapter[key] = build_fused(parts, mats, widths)
         return per_adapter[key]
 
+    def native_rows(self, table: AdapterPageTable, layout: PageLayout) -> AdapterRows:
+        """The native kernel's row offsets and descriptors of adapter ``table.uid`` (no weight copy)."""
+        hit = self._rows.get(table.uid)
+        if hit is None:
+            hit = self._rows[table.uid] = AdapterRows(table, layout.num_layers, layout.page_elems)
+        return hit
+
     def drop(self, uid: int) -> None:
         self._entries.pop(uid, None)
         self._fused.pop(uid, None)
+        self._rows.pop(uid, None)
 
     def __contains__(self, uid: int) -> bool:
-        return uid in self._entries or uid in self._fused
+        return uid in self._entries or uid in self._fused or uid in self._rows
 
     def __len__(self) -> int:
-        return len(self._entries.keys() | self._fused.keys())
+        return len(self._entries.keys() | self._fused.keys() | self._rows.keys())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "auto")  # auto: bf16 where native, else fp32
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,8 @@ class EngineConfig:
     max_adapters_per_step: int | None = None  # cap on distinct adapters in one step
     num_threads: int | None = None  # torch intra-op threads; None = all cores
     kernel_backend: str | None = None  # torch | triton; None = triton on CUDA, torch elsewhere
+    lora_backend: str | None = None  # torch | native | triton; None = triton with the Triton
+    # backend, else native (C kernel) on CPU when it builds, else torch
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -37,6 +39,8 @@ class EngineConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.kernel_backend not in (None, "torch", "triton"):
             raise ValueError(f"kernel_backend must be torch or triton, got {self.kernel_backend!r}")
+        if self.lora_backend not in (None, "torch", "native", "triton"):
+            raise ValueError(f"lora_backend must be torch, native or triton, got {self.lora_backend!r}")
         positive = ("pool_bytes", "block_size", "max_num_seqs", "max_num_batched_tokens",
                     "max_waiting", "host_cache_bytes", "max_lora_rank")
         for name in positive:

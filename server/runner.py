@@ -15,6 +15,7 @@ import torch
 
 from kernels.backend import KernelBackend
 from kernels.lora import GatherCache, write_matrix_rows
+from kernels.lora_native import write_adapter_rows
 from server.batch import build_step
 from server.model import LlamaModel
 from server.model_config import ModelConfig
@@ -46,10 +47,12 @@ class Sampled:
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], layout: PageLayout,
-                 num_pages: int, backend: KernelBackend, max_positions: int, seed: int = 0) -> None:
+                 num_pages: int, backend: KernelBackend, max_positions: int, seed: int = 0,
+                 lora_backend: str | None = None) -> None:
         some = weights["model.embed_tokens.weight"]
         self.layout = layout
         self.backend = backend
+        self.lora_backend = lora_backend or backend.name
         self.arena = torch.zeros(num_pages, layout.page_elems, dtype=some.dtype, device=some.device)
         self.kv_pages = self.arena.view(
             num_pages, 2, layout.block_size, layout.num_kv_heads, layout.head_dim
@@ -67,6 +70,13 @@ class ModelRunner:
 
     def write_adapter(self, table: AdapterPageTable, weights: Mapping[tuple[int, str], LoraWeights]) -> None:
         """Copy an adapter's host tensors into its pages: A as rows, B transposed as rows."""
+        if self.lora_backend == "native":  # one C copy for all rows (native implies a CPU arena)
+            rows: list[tuple[torch.Tensor, tuple[int, ...]]] = []
+            for key, mat in table.modules.items():
+                w = weights[key]
+                rows += [(w.a, mat.a_pages), (w.b.t(), mat.b_pages)]
+            write_adapter_rows(self.arena, self.layout.page_elems, rows)
+            return
         for key, mat in table.modules.items():
             w = weights[key]
             write_matrix_rows(self.arena, mat.a_pages, w.a.to(self.arena.dtype))
@@ -83,8 +93,7 @@ class ModelRunner:
             self.drop_adapter(uid)
         if not out.chunks:
             return {}
-        step = build_step(out, self.layout, self.arena, page_table, self.backend.name,
-                          self.lora_cache)
+        step = build_step(out, self.layout, self.arena, page_table, self.lora_backend, self.lora_cache)
         logits = self.model.forward(step.input_ids, step.positions, step.attn, self.kv_pages, step.lora,
                                     step.sample_rows)
         if not step.sample_request_ids:

