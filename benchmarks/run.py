@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / ".cache"
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 SERVING_DIR = CACHE / "smollm2-serving-fp32"  # the default model as safetensors: fast to load per job
+JOB_TIMEOUT_S = 1200  # one (system, scenario) run: a hung peer must not stall the benchmark
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,13 +78,20 @@ def run_job(job: dict, workdir: Path) -> dict | None:
     if job["system"] == "vllm":
         cmd = [str(VLLM_PY), "-m", "benchmarks.systems.vllm_worker", str(job_path), str(out_path)]
         env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4",
-               "VLLM_CACHE_ROOT": str(workdir / "vllm-cache")}
+               "VLLM_CACHE_ROOT": str(workdir / "vllm-cache"), "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "1800"}
     else:
         cmd = [sys.executable, "-m", "benchmarks.worker", str(job_path), str(out_path)]
         env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "GOMP_SPINCOUNT": "20000"}
     note = cpu_note()
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, check=False)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+    try:
+        proc.wait(timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # kill the whole group: vLLM leaves engine-core children
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.error("%s failed: over %d s (killed)", name, JOB_TIMEOUT_S)
+        return None
     if proc.returncode != 0 or not out_path.is_file():
         log.error("%s failed (exit %d)", name, proc.returncode)
         return None

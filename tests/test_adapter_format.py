@@ -275,6 +275,17 @@ def test_refuses_non_finite_weights(qv_adapter, tiny_model_config, bad):
     refused(qv_adapter, tiny_model_config, InvalidAdapter, key, "NaN or Inf")
 
 
+def test_refuses_weights_that_overflow_the_serving_dtype(qv_adapter, tiny_model_config):
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+
+    def huge(t):
+        t[key][0, 0] = 1e6  # finite in the file's fp32, beyond float16's 65504
+
+    edit_tensors(qv_adapter, huge)
+    refused(qv_adapter, tiny_model_config, InvalidAdapter, key, "overflows", dtype=torch.float16)
+    assert load_peft_adapter(qv_adapter, tiny_model_config, dtype=torch.float32).ranks
+
+
 def test_refuses_corrupt_safetensors(qv_adapter, tiny_model_config):
     data = (qv_adapter / WEIGHTS_NAME).read_bytes()
     (qv_adapter / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])

@@ -36,8 +36,11 @@ def run(job: dict) -> dict:
     requests = load_requests(Path(job["requests"]))
     names = sorted({r.adapter_id for r in requests if r.adapter_id})
     ids = {name: i + 1 for i, name in enumerate(names)}
+    # The same per-step token budget as our engine (EngineConfig.max_num_batched_tokens): vLLM's
+    # default (4096) made one fp32 step with LoRA outlast its 300 s RPC timeout on an AVX2 CPU.
     llm = LLM(model=job["model_dir"], dtype=job["dtype"], enable_lora=bool(names), max_loras=8,
-              max_lora_rank=64, max_num_seqs=job["max_num_seqs"], skip_tokenizer_init=True, seed=0)
+              max_lora_rank=64, max_num_seqs=job["max_num_seqs"], max_num_batched_tokens=512,
+              skip_tokenizer_init=True, seed=0)
     prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests]
     params = [SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True, detokenize=False)
               for r in requests]
