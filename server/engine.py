@@ -85,7 +85,8 @@ class LLMEngine:
         backend = select_backend(device, config.kernel_backend)
         lora_backend = select_lora_backend(device, dtype, backend.name, config.lora_backend)
         self.runner = ModelRunner(mc, loaded.weights, self.layout, num_pages, backend, self.max_model_len,
-                                  seed=config.seed, lora_backend=lora_backend)
+                                  seed=config.seed, lora_backend=lora_backend,
+                                  prepack=config.prepack_weights)
         store = AdapterStore(Path(config.adapter_store_dir))
         self.adapters = AdapterManager(store, mc, self.layout, num_pages, config.host_cache_bytes,
                                        config.max_lora_rank, dtype)

@@ -1,4 +1,4 @@
-"""Elementwise pieces of the Llama forward: RMSNorm, rotary embeddings, SwiGLU.
+"""Pieces of the Llama forward: linear layers, RMSNorm, rotary embeddings, SwiGLU.
 
 Each follows Hugging Face's ``modeling_llama`` operation for operation (same dtypes, same order)
 so that fp32 outputs match it to rounding.
@@ -6,11 +6,39 @@ so that fp32 outputs match it to rounding.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
+import torch.nn.functional as F
 
 from server.model_config import ModelConfig, RopeScaling
+
+log = logging.getLogger(__name__)
+
+
+class Linear:
+    """``y = x @ W.T``. On CPU, ``W`` is reordered once into oneDNN's blocked layout when oneDNN
+    supports the dtype here, as vLLM's CPU backend does: measured on a 2-core AVX2 EPYC in fp32,
+    1.2-2.2x the GFLOP/s of ``F.linear`` (MKL) for 32-row decode batches (gate/up: 38 -> 84) and
+    1.1-1.5x for 512-row prefill chunks. Elsewhere (CUDA; bf16 without AVX-512/AMX) ``F.linear``.
+    The results differ from ``F.linear`` only in summation order."""
+
+    def __init__(self, weight: torch.Tensor, prepack: bool) -> None:
+        self.weight = weight
+        self.packed: torch.Tensor | None = None
+        if prepack and weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            except RuntimeError as e:  # e.g. bf16 on a CPU without native bf16
+                log.debug("oneDNN cannot prepack a %s weight here: %s", weight.dtype, e)
+        if self.packed is not None:
+            self.weight = None  # the packed copy replaces it: no second copy of the model
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return F.linear(x, self.weight)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

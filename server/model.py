@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
-from server.layers import RotaryCache, apply_rope, rms_norm, swiglu
+from server.layers import Linear, RotaryCache, apply_rope, rms_norm, swiglu
 from server.model_config import ModelConfig
 
 if TYPE_CHECKING:
@@ -30,35 +29,35 @@ GATE_UP = ("gate_proj", "up_proj")
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden]
-    o: torch.Tensor  # [hidden, q_size]
+    qkv: Linear  # [q_size + 2 * kv_size, hidden]
+    o: Linear  # [hidden, q_size]
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
+    gate_up: Linear  # [2 * intermediate, hidden]
+    down: Linear  # [hidden, intermediate]
 
 
 class LlamaModel:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], backend: KernelBackend,
-                 max_positions: int) -> None:
+                 max_positions: int, prepack: bool = True) -> None:
         self.config = config
         self.backend = backend
         self.embed = weights["model.embed_tokens.weight"]
         self.final_norm = weights["model.norm.weight"]
-        self.lm_head = weights.get("lm_head.weight", self.embed)
-        self.layers = [self._fuse(weights, i) for i in range(config.num_layers)]
+        self.lm_head = Linear(weights.get("lm_head.weight", self.embed), prepack)
+        self.layers = [self._fuse(weights, i, prepack) for i in range(config.num_layers)]
         self.rotary = RotaryCache(config, max_positions, self.embed.device)
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
     @staticmethod
-    def _fuse(w: dict[str, torch.Tensor], i: int) -> LayerWeights:
+    def _fuse(w: dict[str, torch.Tensor], i: int, prepack: bool) -> LayerWeights:
         p = f"model.layers.{i}."
         return LayerWeights(
             input_norm=w[p + "input_layernorm.weight"],
-            qkv=torch.cat([w[p + f"self_attn.{m}_proj.weight"] for m in "qkv"]),
-            o=w[p + "self_attn.o_proj.weight"],
+            qkv=Linear(torch.cat([w[p + f"self_attn.{m}_proj.weight"] for m in "qkv"]), prepack),
+            o=Linear(w[p + "self_attn.o_proj.weight"], prepack),
             post_norm=w[p + "post_attention_layernorm.weight"],
-            gate_up=torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]),
-            down=w[p + "mlp.down_proj.weight"],
+            gate_up=Linear(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]), prepack),
+            down=Linear(w[p + "mlp.down_proj.weight"], prepack),
         )
 
     @torch.inference_mode()
@@ -78,14 +77,14 @@ class LlamaModel:
             x = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
             h = h + self._mlp(i, lw, x, lora)
         h = rms_norm(h[sample_rows], self.final_norm, cfg.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()
 
     def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    attn: AttnMeta, kv_pages: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
         cfg = self.config
         t = x.shape[0]
         qs, kvs = cfg.q_size, cfg.kv_size
-        qkv = F.linear(x, lw.qkv)
+        qkv = lw.qkv(x)
         if lora is not None:
             lora.apply_group(i, QKV, x, qkv, (qs, kvs, kvs))
         q = qkv[:, :qs].view(t, cfg.num_heads, cfg.head_dim)
@@ -95,18 +94,18 @@ class LlamaModel:
         k = apply_rope(k, cos, sin)
         self.backend.store_kv(kv_pages, k, v, attn.slot_mapping[i])
         o = self.backend.paged_attention(q, kv_pages, attn, i, self.scale).reshape(t, qs)
-        out = F.linear(o, lw.o)
+        out = lw.o(o)
         if lora is not None:
             lora.apply_group(i, ("o_proj",), o, out, (out.shape[1],))
         return out
 
     def _mlp(self, i: int, lw: LayerWeights, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
         inter = self.config.intermediate_size
-        gate_up = F.linear(x, lw.gate_up)
+        gate_up = lw.gate_up(x)
         if lora is not None:
             lora.apply_group(i, GATE_UP, x, gate_up, (inter, inter))
         a = swiglu(gate_up)
-        out = F.linear(a, lw.down)
+        out = lw.down(a)
         if lora is not None:
             lora.apply_group(i, ("down_proj",), a, out, (out.shape[1],))
         return out

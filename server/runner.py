@@ -48,7 +48,7 @@ class Sampled:
 class ModelRunner:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], layout: PageLayout,
                  num_pages: int, backend: KernelBackend, max_positions: int, seed: int = 0,
-                 lora_backend: str | None = None) -> None:
+                 lora_backend: str | None = None, prepack: bool = True) -> None:
         some = weights["model.embed_tokens.weight"]
         self.layout = layout
         self.backend = backend
@@ -57,7 +57,7 @@ class ModelRunner:
         self.kv_pages = self.arena.view(
             num_pages, 2, layout.block_size, layout.num_kv_heads, layout.head_dim
         )
-        self.model = LlamaModel(config, weights, backend, max_positions)
+        self.model = LlamaModel(config, weights, backend, max_positions, prepack=prepack)
         # Small bf16 matmuls are several times slower than fp32 ones on CPU: keep the gathered
         # LoRA weights in fp32 there (measured in kernels/lora.py's notes) and round y once.
         slow_bf16 = some.device.type == "cpu" and some.dtype != torch.float32
