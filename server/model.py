@@ -3,7 +3,7 @@
 One call computes a whole engine step: prefill chunks and decode tokens of many requests, flattened
 into ``T`` rows. The base model's matrix products are shared by all rows; the LoRA terms are added
 per row by ``LoraBatch`` (kernels/lora.py). q/k/v and gate/up weights are fused at load time so a
-layer makes four base GEMMs.
+layer makes four base GEMMs; on CPU their weights are prepacked for oneDNN (``Linear``).
 """
 
 from __future__ import annotations
