@@ -63,13 +63,15 @@ def select_lora_backend(device: torch.device, dtype: torch.dtype, kernel_backend
     dtype, else "torch"."""
     from kernels.lora_native import NATIVE_DTYPES, available
 
+    def native_ok() -> bool:  # a function: available() builds the kernel, only when it may be used
+        return device.type == "cpu" and dtype in NATIVE_DTYPES and available()
+
     if name is None:
         if kernel_backend == "triton":
             return "triton"
-        native_ok = device.type == "cpu" and dtype in NATIVE_DTYPES and available()
-        return "native" if native_ok else "torch"
+        return "native" if native_ok() else "torch"
     if name not in LORA_BACKENDS:
         raise ValueError(f"unknown LoRA backend {name!r}; expected one of {LORA_BACKENDS}")
-    if name == "native" and not (device.type == "cpu" and dtype in NATIVE_DTYPES and available()):
+    if name == "native" and not native_ok():
         raise ValueError(f"the native LoRA kernel needs a CPU, a dtype in {NATIVE_DTYPES} and a C compiler")
     return name

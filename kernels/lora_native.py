@@ -28,12 +28,13 @@ from pathlib import Path
 
 import torch
 
+from adapter_store.peft_config import LORA_MODULES
 from server.page_layout import AdapterPageTable
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("lora_native.c")
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODULES = LORA_MODULES  # a descriptor's index along its module axis
 MODULE_INDEX = {m: i for i, m in enumerate(MODULES)}
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # of the arena, x and y
 DESC_FIELDS = 4  # rank, a_rows address, b_rows address, scale (float64 bits)
@@ -193,7 +194,7 @@ class NativeStep:
         self.desc = torch.stack([none if r is None else r.desc for r in rows], dim=1).contiguous()
         self.seg_starts = torch.tensor(seg_starts, dtype=torch.int64)
         self.num_segments = len(rows)
-        self.num_layers = num_layers
+        self.num_tokens = seg_starts[-1]
 
     def apply_group(self, arena: torch.Tensor, layer: int, modules: tuple[str, ...], x: torch.Tensor,
                     y: torch.Tensor, widths: tuple[int, ...]) -> None:
@@ -202,8 +203,8 @@ class NativeStep:
         assert lib is not None, "NativeStep used without the kernel"
         if x.dtype != arena.dtype or y.dtype != arena.dtype or x.stride(1) != 1 or y.stride(1) != 1:
             raise ValueError("x and y need the arena's dtype and unit column stride")
-        if x.shape[0] != int(self.seg_starts[-1]) or y.shape[0] != x.shape[0]:
-            raise ValueError(f"x and y must have {int(self.seg_starts[-1])} rows")
+        if x.shape[0] != self.num_tokens or y.shape[0] != x.shape[0]:
+            raise ValueError(f"x and y must have {self.num_tokens} rows")
         mods, cols, wid = _group_arrays(modules, widths)
         per_layer = self.num_segments * len(MODULES) * DESC_FIELDS * 8
         rc = lib.lora_group(int(arena.dtype == torch.bfloat16), arena.data_ptr(), x.data_ptr(), x.stride(0),
