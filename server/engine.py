@@ -21,8 +21,9 @@ from kernels.backend import select_backend, select_lora_backend
 from server.adapter_info import describe
 from server.adapters import AdapterManager, AdapterRef
 from server.config import EngineConfig
-from server.engine_types import AdapterInfo, EngineStats, RequestOutput, TokenLogprob
+from server.engine_types import AdapterInfo, EngineStats, PrefixCacheInfo, RequestOutput, TokenLogprob
 from server.errors import ContextLengthExceeded, InvalidRequest
+from server.evictor import CostMeter
 from server.loader import load_model
 from server.page_layout import PageLayout
 from server.pool import PagePool
@@ -91,16 +92,18 @@ class LLMEngine:
         self.adapters = AdapterManager(store, mc, self.layout, num_pages, config.host_cache_bytes,
                                        config.max_lora_rank, dtype)
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                    config.max_adapters_per_step)
+                                    config.max_adapters_per_step, config.enable_prefix_caching)
         self.scheduler = Scheduler(sched_cfg, self.pool, self.layout, self.adapters)
+        self._costs = CostMeter(self.pool.parked, self.layout.block_size, self.layout.num_layers)
         self._live: dict[str, PreparedRequest] = {}
         self._device_load_seconds: list[float] = []  # host -> pool copies; drained by metrics
         log.info("engine ready: model=%s dtype=%s device=%s backend=%s lora=%s pool=%d pages x %d bytes "
-                 "(%.1f MiB, block_size=%d, page_elems=%d) max_model_len=%d adapters_on_disk=%d",
+                 "(%.1f MiB, block_size=%d, page_elems=%d) max_model_len=%d adapters_on_disk=%d "
+                 "prefix_caching=%s",
                  self.model_name, str(dtype).removeprefix("torch."), device, backend.name, lora_backend,
                  num_pages, page_bytes,
                  num_pages * page_bytes / 2**20, self.layout.block_size, self.layout.page_elems,
-                 self.max_model_len, len(self.adapters.list()))
+                 self.max_model_len, len(self.adapters.list()), config.enable_prefix_caching)
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
@@ -172,8 +175,17 @@ class LLMEngine:
         for table in out.adapter_loads:
             start = time.perf_counter()
             self.runner.write_adapter(table, self.adapters.host_weights(table.uid))
-            self._device_load_seconds.append(time.perf_counter() - start)
-        sampled = self.runner.execute(out, self.scheduler.residency.page_table, self._row)
+            seconds = time.perf_counter() - start
+            self._device_load_seconds.append(seconds)
+            self._costs.adapter_copy(seconds, len(table.all_pages()))
+        start = time.perf_counter()
+        try:
+            sampled = self.runner.execute(out, self.scheduler.residency.page_table, self._row)
+        except BaseException:
+            # Blocks registered for this step may never have been written: cache none of them.
+            self.scheduler.cache.clear()
+            raise
+        self._costs.step(time.perf_counter() - start, out.num_tokens)
         touched = self.scheduler.update(out, {rid: s.token_id for rid, s in sampled.items()})
         for req in touched:
             outputs.append(self._emit(self._live[req.request_id], sampled[req.request_id]))
@@ -205,7 +217,10 @@ class LLMEngine:
                              len(req.prompt_token_ids), len(req.output_token_ids), lp)
 
     def _release_retired(self) -> None:
+        """Deleted or replaced adapter versions whose last request ended: their pages and their
+        cached KV blocks go at once (a replaced adapter's new uid never sees the old KV anyway)."""
         for uid in self.adapters.drain_retired():
+            self.scheduler.cache.drop_adapter(uid)
             if self.scheduler.residency.is_resident(uid):
                 self.scheduler.residency.evict(uid)
             self.runner.drop_adapter(uid)
@@ -245,12 +260,15 @@ class LLMEngine:
         return [("host", t) for t in host] + [("device", t) for t in device]
 
     def stats(self) -> EngineStats:
-        sched, res = self.scheduler, self.scheduler.residency
+        sched, res, cache = self.scheduler, self.scheduler.residency, self.scheduler.cache
+        evictions = self.pool.parked.evictions
         names = {r.uid: r.adapter_id for r in self.adapters.list()}
         return EngineStats(
             num_running=len(sched.running), num_waiting=len(sched.waiting),
             pool_pages_total=self.pool.num_pages, pool_pages_free=self.pool.num_free,
+            pool_pages_empty=self.pool.num_empty,
             pool_pages_kv=self.pool.used("kv"), pool_pages_adapter=self.pool.used("adapter"),
+            pool_pages_cached=self.pool.used("cached"),
             page_bytes=self.layout.page_elems * self.runner.arena.element_size(),
             adapters_resident=len(res.resident_uids()), adapters_host=len(self.adapters.host.keys()),
             adapters_stored=len(names), adapter_loads_total=res.loads_total,
@@ -259,6 +277,12 @@ class LLMEngine:
             waiting_adapters=sorted({r.adapter_name for r in list(sched.waiting) if r.adapter_name}),
             max_loras=self.config.max_adapters_per_step or self.config.max_num_seqs,
             preemptions_total=sched.preemptions_total,
+            prefix_cache=PrefixCacheInfo(
+                enabled=cache.enabled, queries=cache.stats.queries, hits=cache.stats.hits,
+                preempted_queries=cache.stats.preempted_queries, preempted_hits=cache.stats.preempted_hits,
+                blocks=cache.num_blocks, blocks_evictable=cache.num_parked_blocks,
+                blocks_dropped=cache.stats.dropped_blocks),
+            evictions={"kv_block": evictions["kv_block"], "adapter": evictions["adapter"]},
         )
 
 

@@ -44,13 +44,27 @@ class AdapterInfo:
     created: float
 
 
+@dataclass(frozen=True)
+class PrefixCacheInfo:
+    """Prefix-cache counters (tokens, as vLLM counts them) and gauges (blocks)."""
+
+    enabled: bool = False
+    queries: int = 0  # prompt tokens of admitted requests looked up (not counting recomputations)
+    hits: int = 0  # of those, tokens found cached
+    preempted_queries: int = 0  # the same for requests readmitted after preemption
+    preempted_hits: int = 0
+    blocks: int = 0  # cached KV blocks (a block is one page per layer)
+    blocks_evictable: int = 0  # of those, blocks no request reads
+    blocks_dropped: int = 0  # blocks of deleted or replaced adapter versions, dropped at once
+
+
 @dataclass
 class EngineStats:
     num_running: int
     num_waiting: int
     pool_pages_total: int
-    pool_pages_free: int
-    pool_pages_kv: int
+    pool_pages_free: int  # allocatable now: empty, or parked (unreferenced cached KV, idle adapters)
+    pool_pages_kv: int  # KV blocks of running requests (shared cached blocks included)
     pool_pages_adapter: int
     page_bytes: int
     adapters_resident: int  # on device (in pool pages)
@@ -63,3 +77,7 @@ class EngineStats:
     waiting_adapters: list[str] = field(default_factory=list)
     max_loras: int = 0
     preemptions_total: int = 0
+    pool_pages_empty: int = 0  # holding nothing
+    pool_pages_cached: int = 0  # cached KV blocks no request reads (reclaimable)
+    prefix_cache: PrefixCacheInfo = field(default_factory=PrefixCacheInfo)
+    evictions: dict[str, int] = field(default_factory=dict)  # pressure evictions by unit kind

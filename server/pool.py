@@ -1,18 +1,32 @@
-"""The unified page pool's bookkeeping: a free list and reference counts. No torch.
+"""The unified page pool's bookkeeping: a free list, reference counts, and reclaimable units. No torch.
 
 The arena (a device tensor) is cut into ``num_pages`` equal pages; this class hands out their
-ids. KV blocks and resident adapters draw from the same free list, which is what lets the split
+ids. KV blocks and resident adapters draw from the same pages, which is what lets the split
 between them follow the load. Each page is tagged with the kind that holds it so the split can be
-reported. Freed pages go to the back of the free list (FIFO reuse), which keeps allocation order
-deterministic and easy to test.
+reported: ``kv`` (blocks of running requests, shared cached blocks included), ``cached`` (cached KV
+blocks no request uses), ``adapter`` (resident adapters, idle or pinned).
+
+A page's reference count is the number of holders: a request's private KV page has one; a cached
+KV block's pages have one for the prefix cache plus one per request reading them.
+
+Pages held only as a cache (an unreferenced cached KV block, an idle adapter) are *parked*: they
+stay allocated, with their owner's single reference, but ``allocate`` may reclaim them. It takes
+empty pages first, then evicts parked units in the order of ``server/evictor.py``, telling each
+unit's owner through the reclaimer it registered. ``num_free`` counts both (as vLLM's free block
+count includes evictable cached blocks). Freed pages go to the back of the empty list (FIFO
+reuse), which keeps allocation order deterministic and easy to test.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Hashable
 from typing import Literal
 
-PageKind = Literal["kv", "adapter"]
+from server.evictor import Evictor, UnitKind
+
+PageKind = Literal["kv", "cached", "adapter"]
+Reclaimer = Callable[[Hashable], None]
 
 
 class OutOfPages(Exception):
@@ -32,22 +46,35 @@ class PagePool:
         self._free: deque[int] = deque(range(num_pages))
         self._refs = [0] * num_pages
         self._kind: list[PageKind | None] = [None] * num_pages
-        self._used_by_kind: dict[PageKind, int] = {"kv": 0, "adapter": 0}
+        self._used_by_kind: dict[PageKind, int] = {"kv": 0, "cached": 0, "adapter": 0}
+        self.parked = Evictor()
+        self._reclaimers: dict[UnitKind, Reclaimer] = {}
 
     @property
     def num_free(self) -> int:
+        """Pages ``allocate`` can hand out: empty ones plus those of parked units."""
+        return len(self._free) + self.parked.num_pages
+
+    @property
+    def num_empty(self) -> int:
+        """Pages holding nothing at all (taking them evicts nothing)."""
         return len(self._free)
 
     def used(self, kind: PageKind) -> int:
         return self._used_by_kind[kind]
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self.num_free
 
     def allocate(self, n: int, kind: PageKind = "kv") -> list[int]:
-        """Take ``n`` pages (all or nothing), each with reference count 1."""
-        if n > len(self._free):
-            raise OutOfPages(n, len(self._free))
+        """Take ``n`` pages (all or nothing), each with reference count 1, evicting parked units
+        (least valuable first) once the empty pages run out."""
+        if n > self.num_free:
+            raise OutOfPages(n, self.num_free)
+        while len(self._free) < n:
+            unit_kind, key, pages = self.parked.pop()
+            self.free(list(pages))
+            self._reclaimers[unit_kind](key)
         pages = [self._free.popleft() for _ in range(n)]
         for p in pages:
             self._refs[p] = 1
@@ -76,3 +103,36 @@ class PagePool:
 
     def refcount(self, page: int) -> int:
         return self._refs[page]
+
+    def kind(self, page: int) -> PageKind | None:
+        return self._kind[page]
+
+    def retag(self, pages: tuple[int, ...] | list[int], kind: PageKind) -> None:
+        """Move allocated pages to another kind (a cached KV block is ``kv`` while in use,
+        ``cached`` while parked)."""
+        for p in pages:
+            old = self._kind[p]
+            if old is None:
+                raise ValueError(f"page {p} is free")
+            self._used_by_kind[old] -= 1
+            self._used_by_kind[kind] += 1
+            self._kind[p] = kind
+
+    # ---- parked units -----------------------------------------------------------------------
+    def set_reclaimer(self, kind: UnitKind, reclaimer: Reclaimer) -> None:
+        """``reclaimer(key)`` is called after a parked unit of ``kind`` was evicted and its pages
+        freed: the owner forgets the unit."""
+        self._reclaimers[kind] = reclaimer
+
+    def park(self, kind: UnitKind, key: Hashable, pages: tuple[int, ...]) -> None:
+        """Make a unit evictable. Its pages must be held by its owner alone (count 1)."""
+        if kind not in self._reclaimers:
+            raise ValueError(f"no reclaimer for {kind} units")
+        for p in pages:
+            if self._refs[p] != 1:
+                raise ValueError(f"page {p} has {self._refs[p]} references; only sole holders park")
+        self.parked.add(kind, key, pages)
+
+    def unpark(self, kind: UnitKind, key: Hashable) -> bool:
+        """Take a unit back out of the eviction order (in use again, or dropped by its owner)."""
+        return self.parked.remove(kind, key) is not None

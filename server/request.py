@@ -31,6 +31,10 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V are in the pages
     # block_table[layer][b] is the page holding tokens [b*block_size, (b+1)*block_size) of layer.
     block_table: list[list[int]] = field(default_factory=list)
+    # Prefix caching: hashes of the full blocks seen so far (server/prefix_cache.py), and how many
+    # leading blocks were already offered to the cache (taken from it, or registered).
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_offered_blocks: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0

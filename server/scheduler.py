@@ -8,9 +8,15 @@ several steps. Waiting requests are admitted first-come-first-served while pages
 sequence slots last; one whose adapter is still being read from disk is skipped (it waits, the
 rest go on) and its adapter is fetched in the background.
 
-When pages run out, idle resident adapters are evicted first (LRU), then the newest running
-request is preempted: its pages are freed and it goes back to the front of the queue, to be
-recomputed from its prompt and the tokens it already produced. Nothing is dropped.
+With prefix caching on, a request admitted (or readmitted after preemption) starts from the
+longest chain of cached KV blocks that matches its tokens under its adapter version and computes
+only the rest; each scheduled chunk registers the blocks it fills (``server/prefix_cache.py``).
+
+When pages run out, the pool reclaims parked units first, unreferenced cached KV blocks and idle
+resident adapters in one order (``server/evictor.py``), then the newest running request is
+preempted: its pages are released and it goes back to the front of the queue, to be recomputed
+from its prompt and the tokens it already produced (reading whatever of them is still cached).
+Nothing is dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from server.engine_types import FinishReason
 from server.kv_manager import KVManager
 from server.page_layout import AdapterPageTable, PageLayout
 from server.pool import PagePool
+from server.prefix_cache import NoPrefixCache, PrefixCache
 from server.request import Request, RequestStatus
 
 
@@ -38,6 +45,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_adapters_per_step: int | None = None
+    enable_prefix_caching: bool = True
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,8 @@ class Scheduler:
                  adapters: AdapterSource) -> None:
         self.cfg = cfg
         self.pool = pool
-        self.kv = KVManager(pool, layout)
+        self.cache = PrefixCache(pool, layout) if cfg.enable_prefix_caching else NoPrefixCache()
+        self.kv = KVManager(pool, layout, self.cache)
         self.residency = AdapterResidency(pool, layout)
         self.adapters = adapters
         self.waiting: deque[Request] = deque()
@@ -105,6 +114,7 @@ class Scheduler:
             if not self._reserve_kv(req, n, out, scheduled):
                 continue
             out.chunks.append(self._chunk(req, n))
+            self.cache.register(req, req.num_computed_tokens + n)
             scheduled.add(req.request_id)
             if req.adapter_uid is not None:
                 step_adapters.add(req.adapter_uid)
@@ -123,33 +133,49 @@ class Scheduler:
             uid = req.adapter_uid
             if uid is not None and cap is not None and uid not in step_adapters and len(step_adapters) >= cap:
                 continue
+            spec = None
             if uid is not None and not self.residency.is_resident(uid):
                 spec = self.adapters.spec_if_ready(uid)
                 if spec is None:
                     continue  # being read from disk; later requests may go ahead
-                if not self.residency.make_room(spec.pages_needed(self.kv.layout)):
-                    return  # pages are held by running work: wait, first come first served
-                out.adapter_loads.append(self.residency.load(spec))
+            # Cached blocks are taken first, so that making room below can't evict them.
+            hits = self.cache.lookup(req)
+            self.kv.attach_prefix(req, hits)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            need = self.kv.pages_needed(req, n)
-            if uid is not None:
-                self.residency.pin(uid)
-            if not self.residency.make_room(need):
-                if uid is not None:
-                    self.residency.unpin(uid)
-                return
-            self.kv.allocate(req, n)
+            if not self._place(req, spec, n, out):
+                self.kv.free(req)
+                req.num_computed_tokens = 0
+                return  # pages are held by running work: wait, first come first served
+            self.cache.record(req, len(hits))
             self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.chunks.append(self._chunk(req, n))
+            self.cache.register(req, req.num_computed_tokens + n)
             if uid is not None:
                 step_adapters.add(uid)
             budget -= n
 
+    def _place(self, req: Request, spec: AdapterSpec | None, n: int, out: SchedulerOutput) -> bool:
+        """Load ``req``'s adapter if ``spec`` is given, pin it, and give ``req`` pages for ``n``
+        more tokens; False (the adapter stays loaded, unpinned) if the pages aren't there."""
+        uid = req.adapter_uid
+        if spec is not None:
+            if not self.pool.can_allocate(spec.pages_needed(self.kv.layout)):
+                return False
+            out.adapter_loads.append(self.residency.load(spec))
+        if uid is not None:
+            self.residency.pin(uid)
+        if not self.pool.can_allocate(self.kv.pages_needed(req, n)):
+            if uid is not None:
+                self.residency.unpin(uid)
+            return False
+        self.kv.allocate(req, n)
+        return True
+
     def _prefetch(self, out: SchedulerOutput) -> None:
         """Start reading the adapters of queued requests into host memory, and copy those already
-        there into free pages, so they are resident when their turn comes. Prefetching never
+        there into empty pages, so they are resident when their turn comes. Prefetching never
         evicts and leaves a block per layer for every running request as headroom."""
         headroom = len(self.running) * self.kv.layout.num_layers
         for req in itertools.islice(self.waiting, self.cfg.max_num_seqs):
@@ -157,14 +183,14 @@ class Scheduler:
             if uid is None or self.residency.is_resident(uid):
                 continue
             spec = self.adapters.spec_if_ready(uid)
-            if spec is not None and spec.pages_needed(self.kv.layout) + headroom <= self.pool.num_free:
+            if spec is not None and spec.pages_needed(self.kv.layout) + headroom <= self.pool.num_empty:
                 out.adapter_loads.append(self.residency.load(spec))
 
     def _reserve_kv(self, req: Request, n: int, out: SchedulerOutput, scheduled: set[str]) -> bool:
-        """Give ``req`` pages for ``n`` more tokens, evicting idle adapters and then preempting the
+        """Give ``req`` pages for ``n`` more tokens, evicting parked units and then preempting the
         newest running requests not yet scheduled this step. False if ``req`` itself was preempted."""
         need = self.kv.pages_needed(req, n)
-        while not self.residency.make_room(need):
+        while not self.pool.can_allocate(need):
             victim = next(r for r in reversed(self.running) if r.request_id not in scheduled)
             self._preempt(victim)
             out.preempted.append(victim.request_id)

@@ -59,6 +59,9 @@ class ServerSettings(BaseSettings):
         ByteSize(1024 * MiB), gt=0, description="Host-memory LRU cache of adapter weights (bytes)."
     )
     max_lora_rank: int = Field(256, gt=0, description="Largest LoRA rank accepted on upload.")
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of repeated prompt prefixes (system prompts, earlier turns), "
+        "kept per adapter version. --no-enable-prefix-caching turns it off.")
     threads: int | None = Field(
         None,
         gt=0,
@@ -118,6 +121,7 @@ class ServerSettings(BaseSettings):
             num_threads=self.threads,
             kernel_backend=self.kernel_backend,
             lora_backend=self.lora_backend,
+            enable_prefix_caching=self.enable_prefix_caching,
         )
 
     def preload_specs(self) -> list[tuple[str, Path]]:
@@ -150,6 +154,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help_text = help_text.replace("%", "%%")
         if name == "preload_adapters":
             parser.add_argument(flag, nargs="+", metavar="[ID=]DIR", help=help_text)
+        elif field.annotation is bool:  # --flag / --no-flag, as vLLM spells them
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             choices = _literal_choices(field.annotation)
             parser.add_argument(flag, metavar=name.upper() if not choices else None, choices=choices,

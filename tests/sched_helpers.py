@@ -38,6 +38,9 @@ class FakeDisk:
 
 
 def make_scheduler(num_pages: int, disk: FakeDisk | None = None, **cfg) -> Scheduler:
+    """Prefix caching is off unless asked for: these tests pin the plain allocator's page ids
+    (tests/test_prefix_cache.py turns it on)."""
+    cfg.setdefault("enable_prefix_caching", False)
     return Scheduler(SchedulerConfig(**cfg), PagePool(num_pages), LAYOUT, disk or FakeDisk())
 
 

@@ -185,3 +185,20 @@ def test_openapi_lists_every_route(api_server):
     upload = doc["paths"]["/v1/adapters"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert {"adapter_id", "adapter_config.json", "adapter_model.safetensors"} <= set(
         upload["schema"]["properties"])
+
+
+def test_prefix_cache_metrics(api_server, client):
+    url = api_server.url
+    prompt = "You are a terse assistant who answers in one word. " * 4  # > 2 KV blocks of tokens
+    queries = metric(url, "vllm:prefix_cache_queries_total")
+    hits = metric(url, "vllm:prefix_cache_hits_total")
+    first = client.completions.create(model=BASE, prompt=prompt + "Sky?", max_tokens=4, temperature=0)
+    again = client.completions.create(model=BASE, prompt=prompt + "Sky?", max_tokens=4, temperature=0)
+    assert again.choices[0].text == first.choices[0].text
+    asked = 2 * first.usage.prompt_tokens
+    assert metric(url, "vllm:prefix_cache_queries_total") - queries == asked
+    found = metric(url, "vllm:prefix_cache_hits_total") - hits
+    assert 32 <= found < first.usage.prompt_tokens  # the second request read whole blocks, not its last token
+    assert metric(url, "lora_server_prefix_cache_blocks", state="evictable") >= 2
+    assert metric(url, "lora_server_pool_pages", kind="cached") > 0
+    assert metric(url, "lora_server_evictions_total", kind="kv_block") >= 0

@@ -48,3 +48,11 @@ def test_bad_values_exit_with_usage(argv, capsys):
         parse_settings(argv)
     assert exc.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+def test_prefix_caching_flag(monkeypatch):
+    assert parse_settings([]).to_engine_config().enable_prefix_caching  # on by default
+    assert not parse_settings(["--no-enable-prefix-caching"]).to_engine_config().enable_prefix_caching
+    monkeypatch.setenv("LORA_SERVER_ENABLE_PREFIX_CACHING", "false")
+    assert not parse_settings([]).enable_prefix_caching
+    assert parse_settings(["--enable-prefix-caching"]).enable_prefix_caching  # the flag wins

@@ -68,8 +68,13 @@ def drive(engine: LLMEngine, requests: list[RequestSpec]) -> tuple[dict[str, Req
 def run(job: dict, requests: list[RequestSpec]) -> dict:
     engine = LLMEngine(engine_config(job))
     warm_up(engine, job.get("warmup_adapter"))
+    before = engine.stats().prefix_cache
     timings, wall = drive(engine, requests)
-    return summarize(list(timings.values()), wall, self_peak_rss())
+    result = summarize(list(timings.values()), wall, self_peak_rss())
+    pc = engine.stats().prefix_cache
+    queries = pc.queries - before.queries
+    result["prefix_cache_hit_rate"] = (pc.hits - before.hits) / queries if queries else None
+    return result
 
 
 def cold_vs_hot(job: dict, adapters: list[str]) -> dict:

@@ -40,7 +40,7 @@ def run(job: dict) -> dict:
     # default (4096) made one fp32 step with LoRA outlast its 300 s RPC timeout on an AVX2 CPU.
     llm = LLM(model=job["model_dir"], dtype=job["dtype"], enable_lora=bool(names), max_loras=8,
               max_lora_rank=64, max_num_seqs=job["max_num_seqs"], max_num_batched_tokens=512,
-              skip_tokenizer_init=True, seed=0)
+              skip_tokenizer_init=True, seed=0, enable_prefix_caching=True)
     prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests]
     params = [SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True, detokenize=False)
               for r in requests]

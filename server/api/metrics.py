@@ -37,10 +37,14 @@ class EngineCollector(Collector):
         s = self._engine.stats()
         yield _gauge("num_requests_running", "Requests running in the engine.", s.num_running)
         yield _gauge("num_requests_waiting", "Requests waiting for a slot or an adapter.", s.num_waiting)
-        pages = GaugeMetricFamily(f"{PREFIX}_pool_pages", "Pool pages by use.", labels=["kind"])
+        pages = GaugeMetricFamily(
+            f"{PREFIX}_pool_pages", "Pool pages by use: kv = KV blocks of running requests, cached = "
+            "cached KV blocks no request reads (reclaimable), adapter = resident adapters, free = "
+            "holding nothing.", labels=["kind"])
         pages.add_metric(["kv"], s.pool_pages_kv)
+        pages.add_metric(["cached"], s.pool_pages_cached)
         pages.add_metric(["adapter"], s.pool_pages_adapter)
-        pages.add_metric(["free"], s.pool_pages_free)
+        pages.add_metric(["free"], s.pool_pages_empty)
         yield pages
         yield _gauge("pool_pages_total", "Pages in the unified pool.", s.pool_pages_total)
         yield _gauge("pool_page_bytes", "Bytes per pool page.", s.page_bytes)
@@ -52,8 +56,37 @@ class EngineCollector(Collector):
         yield _counter("adapter_loads", "Adapter copies into pool pages.", s.adapter_loads_total)
         yield _counter("adapter_evictions", "Adapters evicted from pool pages.", s.adapter_evictions_total)
         yield _counter("preemptions", "Requests preempted for lack of pages.", s.preemptions_total)
+        yield from _prefix_cache_metrics(s)
         yield _gauge("host_cache_bytes", "Bytes of adapter weights in the host cache.", s.host_cache_bytes)
         yield _lora_requests_info(s)
+
+
+def _prefix_cache_metrics(s: Any) -> Iterator[Metric]:
+    """vLLM's token counters (hit rate = hits / queries) and our block and eviction counts."""
+    pc = s.prefix_cache
+    yield CounterMetricFamily("vllm:prefix_cache_queries",
+                              "Prefix cache queries, in terms of number of queried tokens.", value=pc.queries)
+    yield CounterMetricFamily("vllm:prefix_cache_hits",
+                              "Prefix cache hits, in terms of number of cached tokens.", value=pc.hits)
+    yield _counter("prefix_cache_preempted_queries",
+                   "Prefix cache queries of requests recomputed after preemption (tokens).",
+                   pc.preempted_queries)
+    yield _counter("prefix_cache_preempted_hits",
+                   "Prefix cache hits of requests recomputed after preemption (tokens).", pc.preempted_hits)
+    blocks = GaugeMetricFamily(f"{PREFIX}_prefix_cache_blocks",
+                               "Cached KV blocks (one page per layer each), read by a request or not.",
+                               labels=["state"])
+    blocks.add_metric(["in_use"], pc.blocks - pc.blocks_evictable)
+    blocks.add_metric(["evictable"], pc.blocks_evictable)
+    yield blocks
+    yield _counter("prefix_cache_dropped_blocks",
+                   "Cached KV blocks dropped because their adapter version was deleted or replaced.",
+                   pc.blocks_dropped)
+    evictions = CounterMetricFamily(f"{PREFIX}_evictions",
+                                    "Units evicted from the pool to make room, by kind.", labels=["kind"])
+    for kind, count in sorted(s.evictions.items()):
+        evictions.add_metric([kind], count)
+    yield evictions
 
 
 def _lora_requests_info(s: Any) -> GaugeMetricFamily:
