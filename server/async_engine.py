@@ -177,10 +177,12 @@ class AsyncEngine:
 
     def _log_stats(self) -> None:
         st = self.engine.stats()
-        log.info("running=%d waiting=%d pool: %d/%d pages free (kv %d, adapters %d) "
-                 "adapters resident=%d host=%d preemptions=%d", st.num_running, st.num_waiting,
-                 st.pool_pages_free, st.pool_pages_total, st.pool_pages_kv, st.pool_pages_adapter,
-                 st.adapters_resident, st.adapters_host, st.preemptions_total)
+        pc = st.prefix_cache
+        log.info("running=%d waiting=%d pool: %d/%d pages free (kv %d, cached %d, adapters %d) "
+                 "adapters resident=%d host=%d preemptions=%d prefix cache: %d blocks, %d/%d tokens hit",
+                 st.num_running, st.num_waiting, st.pool_pages_free, st.pool_pages_total, st.pool_pages_kv,
+                 st.pool_pages_cached, st.pool_pages_adapter, st.adapters_resident, st.adapters_host,
+                 st.preemptions_total, pc.blocks, pc.hits, pc.queries)
 
     def _step(self) -> list[RequestOutput]:
         try:

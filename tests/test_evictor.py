@@ -96,3 +96,8 @@ def test_retag_moves_pages_between_kinds():
     assert (pool.used("kv"), pool.used("cached")) == (0, 2)
     pool.free(pages)
     assert pool.used("cached") == 0 and pool.num_empty == 4
+
+
+def test_cache_bookkeeping_does_not_import_torch():
+    src = "".join(open(f"server/{m}.py").read() for m in ("evictor", "prefix_cache", "pool", "kv_manager"))
+    assert "import torch" not in src
