@@ -187,12 +187,11 @@ class NoPrefixCache:
     """Prefix caching turned off: nothing is found, nothing is kept."""
 
     enabled = False
+    num_blocks = 0
+    num_parked_blocks = 0
 
     def __init__(self) -> None:
         self.stats = PrefixCacheStats()
-
-    num_blocks = 0
-    num_parked_blocks = 0
 
     def lookup(self, req: Request) -> list[CachedBlock]:
         return []
