@@ -20,9 +20,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from server.errors import AdapterIncompatible, InvalidAdapter
-from server.model_config import ModelConfig
+from server.model_config import LORA_MODULES, ModelConfig
 
-# Our names for the LoRA-targetable linear modules, and the submodule each lives in.
+# The submodule each LoRA-targetable linear module lives in (PEFT keys name it); the module names
+# and their order belong to the model (server/model_config.py).
 MODULE_PARENTS: dict[str, str] = {
     "q_proj": "self_attn",
     "k_proj": "self_attn",
@@ -32,7 +33,7 @@ MODULE_PARENTS: dict[str, str] = {
     "up_proj": "mlp",
     "down_proj": "mlp",
 }
-LORA_MODULES: tuple[str, ...] = tuple(MODULE_PARENTS)
+assert tuple(MODULE_PARENTS) == LORA_MODULES, "MODULE_PARENTS must name every LoRA module, in order"
 ALL_LINEAR = "all-linear"
 _EMBEDDING_KEYS = ("model.embed_tokens", "lm_head")
 _GLOBAL_KEYS = ("model", "model.layers", "model.norm", "model.rotary_emb", *_EMBEDDING_KEYS)

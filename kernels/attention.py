@@ -51,10 +51,12 @@ class _CpuPlan:
 class AttnMeta:
     """Per-step attention metadata, built once by the batch builder and shared by all layers.
 
-    block_tables: [L, S, max_blocks] int32 (padding 0); slot_mapping: [L, T] int64 (-1 = skip);
+    block_tables: [L, S, max_blocks] int32 (padding 0); slot_mapping: [L, T] int32 or int64 (-1 = skip);
     cu_q_lens: [S+1] int32, rows ``cu_q_lens[s]:cu_q_lens[s+1]`` of q belong to sequence s;
     ctx_lens: [S] int32, context length of s after this step's tokens are stored.
     Query row j of s sits at position ``ctx_lens[s] - q_len_s + j`` and attends keys ``0..position``.
+    ``host_cu_q_lens`` / ``host_ctx_lens`` are the same values as Python ints, so that no op has to
+    read them back from the device (a sync on a GPU).
     """
 
     block_tables: torch.Tensor
@@ -63,11 +65,13 @@ class AttnMeta:
     ctx_lens: torch.Tensor
     max_q_len: int
     max_ctx_len: int
+    host_cu_q_lens: tuple[int, ...]
+    host_ctx_lens: tuple[int, ...]
     _cpu_plan: _CpuPlan | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
-        return int(self.ctx_lens.shape[0])
+        return len(self.host_ctx_lens)
 
     def cpu_plan(self, block_size: int, dtype: torch.dtype) -> _CpuPlan:
         """Layer-independent gather plan of the torch path, computed on first use and cached.
@@ -76,7 +80,7 @@ class AttnMeta:
         """
         plan = self._cpu_plan
         if plan is None or plan.block_size != block_size or plan.dtype != dtype:
-            plan = _build_cpu_plan(self.cu_q_lens.tolist(), self.ctx_lens.tolist(), block_size, dtype,
+            plan = _build_cpu_plan(self.host_cu_q_lens, self.host_ctx_lens, block_size, dtype,
                                    self.ctx_lens.device)
             self._cpu_plan = plan
         return plan
@@ -86,7 +90,7 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, -torch.inf)
 
 
-def _build_cpu_plan(cu_q: list[int], ctx: list[int], block_size: int, dtype: torch.dtype,
+def _build_cpu_plan(cu_q: tuple[int, ...], ctx: tuple[int, ...], block_size: int, dtype: torch.dtype,
                     device: torch.device) -> _CpuPlan:
     dec_rows: list[int] = []
     dec_seqs: list[int] = []
@@ -122,7 +126,7 @@ def store_kv_ref(kv_pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
     """Write each token's K and V into its slot: ``kv_pages[slot // bs, 0|1, slot % bs] = k[t] | v[t]``.
 
-    kv_pages: [num_pages, 2, block_size, KVH, D]; k, v: [T, KVH, D]; slot_mapping: [T] int64,
+    kv_pages: [num_pages, 2, block_size, KVH, D]; k, v: [T, KVH, D]; slot_mapping: [T] int32/int64,
     ``slot = page * block_size + offset``; slot -1 means skip the token. In place.
     """
     block_size = kv_pages.shape[2]

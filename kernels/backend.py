@@ -1,9 +1,10 @@
-"""The kernel backend: which implementation of each tensor op a model runner uses.
+"""The kernel backends a model runner uses, each chosen once at start-up as an object.
 
-Chosen once at start-up (torch references on CPU, Triton on CUDA) and held as plain function
-attributes, so the hot path calls ``backend.paged_attention(...)`` with no per-call branching.
-The Triton modules are imported here, lazily, and only when asked for: the package must import on
-machines where triton cannot run.
+``select_backend`` picks the attention ops (torch references on CPU, Triton on CUDA) and holds them
+as plain function attributes, so the hot path calls ``backend.paged_attention(...)`` with no
+per-call branching. ``select_lora_backend`` returns the ``LoraBackend`` object (kernels/lora_backend.py)
+the runner holds. The Triton modules are imported here, lazily, and only when asked for: the
+package must import on machines where triton cannot run.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from kernels.attention import AttnMeta, paged_attention_ref, store_kv_ref
-from kernels.lora import LoraArgs, lora_expand_ref, lora_shrink_ref
+from kernels.lora_backend import LoraBackend
+from kernels.lora_native import NATIVE_DTYPES, NativeLoraBackend
+from kernels.lora_torch import TorchLoraBackend
+from kernels.native_lib import available as native_available
+from server.page_layout import PageLayout
 
 StoreKvFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 PagedAttentionFn = Callable[[torch.Tensor, torch.Tensor, AttnMeta, int, float], torch.Tensor]
-LoraShrinkFn = Callable[[torch.Tensor, torch.Tensor, LoraArgs], torch.Tensor]
-LoraExpandFn = Callable[[torch.Tensor, torch.Tensor, LoraArgs, torch.Tensor], None]
 
 BACKENDS = ("torch", "triton")
 LORA_BACKENDS = ("torch", "native", "triton")
@@ -27,18 +30,15 @@ LORA_BACKENDS = ("torch", "native", "triton")
 
 @dataclass(frozen=True)
 class KernelBackend:
-    """One implementation of every op; signatures and semantics are those of the torch references.
+    """One implementation of the attention ops; signatures and semantics are the torch references'.
 
     store_kv(kv_pages, k [T,KVH,D], v [T,KVH,D], slot_mapping [T]) -> None
     paged_attention(q [T,H,D], kv_pages, meta, layer, scale) -> [T,H,D]
-    lora_shrink(x [T,K], arena, args) -> v [T,R];  lora_expand(v [T,R], arena, args, y [T,N]) -> None
     """
 
     name: str
     store_kv: StoreKvFn
     paged_attention: PagedAttentionFn
-    lora_shrink: LoraShrinkFn
-    lora_expand: LoraExpandFn
 
 
 def select_backend(device: torch.device, name: str | None = None) -> KernelBackend:
@@ -46,25 +46,21 @@ def select_backend(device: torch.device, name: str | None = None) -> KernelBacke
     if name is None:
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
-        return KernelBackend("torch", store_kv_ref, paged_attention_ref, lora_shrink_ref, lora_expand_ref)
+        return KernelBackend("torch", store_kv_ref, paged_attention_ref)
     if name == "triton":
         from kernels.triton_attention import paged_attention_triton, store_kv_triton
-        from kernels.triton_lora import lora_expand_triton, lora_shrink_triton
 
-        return KernelBackend("triton", store_kv_triton, paged_attention_triton, lora_shrink_triton,
-                             lora_expand_triton)
+        return KernelBackend("triton", store_kv_triton, paged_attention_triton)
     raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
 
 
-def select_lora_backend(device: torch.device, dtype: torch.dtype, kernel_backend: str,
-                        name: str | None = None) -> str:
-    """The LoRA implementation ``LoraBatch`` runs: ``name`` if given, else "triton" with the Triton
-    backend, else "native" (the C kernel, kernels/lora_native.py) on CPU when it builds for this
-    dtype, else "torch"."""
-    from kernels.lora_native import NATIVE_DTYPES, available
+def lora_backend_name(device: torch.device, dtype: torch.dtype, kernel_backend: str,
+                      name: str | None = None) -> str:
+    """Which LoRA implementation to use: ``name`` if given, else "triton" with the Triton kernel
+    backend, else "native" (the C kernel) on CPU when it builds for this dtype, else "torch"."""
 
     def native_ok() -> bool:  # a function: available() builds the kernel, only when it may be used
-        return device.type == "cpu" and dtype in NATIVE_DTYPES and available()
+        return device.type == "cpu" and dtype in NATIVE_DTYPES and native_available()
 
     if name is None:
         if kernel_backend == "triton":
@@ -75,3 +71,16 @@ def select_lora_backend(device: torch.device, dtype: torch.dtype, kernel_backend
     if name == "native" and not native_ok():
         raise ValueError(f"the native LoRA kernel needs a CPU, a dtype in {NATIVE_DTYPES} and a C compiler")
     return name
+
+
+def select_lora_backend(arena: torch.Tensor, layout: PageLayout, kernel_backend: str,
+                        name: str | None = None) -> LoraBackend:
+    """The LoRA backend object over ``arena`` (see ``lora_backend_name`` for the choice)."""
+    name = lora_backend_name(arena.device, arena.dtype, kernel_backend, name)
+    if name == "triton":
+        from kernels.triton_lora import TritonLoraBackend
+
+        return TritonLoraBackend(arena, layout)
+    if name == "native":
+        return NativeLoraBackend(arena, layout)
+    return TorchLoraBackend(arena, layout)

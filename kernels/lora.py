@@ -1,4 +1,4 @@
-"""Batched multi-adapter LoRA over the paged arena: torch reference ops and the per-step ``LoraBatch``.
+"""Batched multi-adapter LoRA over the paged arena: the torch reference ops (the specification).
 
 A step's tokens (rows of ``x``) are cut into segments; segment ``s`` is rows
 ``seg_starts[s]:seg_starts[s + 1]`` and uses adapter slot ``seg_slots[s]`` (``-1``: no adapter).
@@ -14,9 +14,9 @@ Semantics, for every token ``t`` of a segment of slot ``a``::
 Tokens with no adapter (or whose adapter lacks the module) get nothing. Work is grouped by slot and
 done at each adapter's own rank: nothing is padded to the batch's maximum rank.
 
-The torch path is production on CPU, so ``LoraBatch`` keeps contiguous copies of the pages it reads
-(``GatherCache``, keyed by adapter uid) across steps and does one shrink and one expand matmul per
-(adapter, module) instead of per token.
+``lora_group_ref`` states what a backend's ``LoraStep.apply(layer, group, x, y)`` computes
+(kernels/lora_backend.py): the two ops above for each module of a ``LoraGroup``, each into its own
+column block of ``y``. The backends (torch, native C, Triton) are tested against these.
 """
 
 from __future__ import annotations
@@ -26,16 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.lora_cpu import GatherCache, apply_fused
-from kernels.lora_native import NATIVE_DTYPES, NativeStep
-from kernels.lora_native import available as native_available
-from kernels.lora_pages import read_lora_weights, read_matrix_rows, write_matrix_rows
-from server.page_layout import AdapterPageTable, LoraMatrixPages, PageLayout
-
-__all__ = ["GatherCache", "LoraArgs", "LoraBatch", "LoraSegments", "lora_expand_ref", "lora_shrink_ref",
-           "read_lora_weights", "read_matrix_rows", "write_matrix_rows"]
-
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from kernels.lora_pages import read_lora_weights
+from server.model_config import LoraGroup
+from server.page_layout import AdapterPageTable, LoraMatrixPages
 
 Rows = slice | torch.Tensor  # one contiguous run of rows, or an int64 index tensor
 
@@ -112,7 +105,6 @@ class LoraArgs:
 
 
 WeightFn = Callable[[int, LoraMatrixPages], tuple[torch.Tensor, torch.Tensor]]
-RunFn = Callable[[LoraArgs, tuple[int, str], torch.Tensor, torch.Tensor], None]
 
 
 def _groups(args: LoraArgs, device: torch.device, weights: WeightFn):
@@ -154,112 +146,17 @@ def _add_rows(y: torch.Tensor, rows: Rows, v: torch.Tensor, bt: torch.Tensor, sc
         y.index_add_(0, rows, (v @ bt).to(y.dtype), alpha=scale)
 
 
-class LoraBatch:
-    """The LoRA term of one engine step, as the model sees it; built once per step, plain data in.
+def lora_group_ref(arena: torch.Tensor, segments: LoraSegments, adapters: Sequence[AdapterPageTable],
+                   layer: int, group: LoraGroup, x: torch.Tensor, y: torch.Tensor) -> None:
+    """``y[t, cols_m] += scale_a * (x[t] @ A_a.T) @ B_a.T`` for each module ``m`` of ``group``, where
+    ``a`` is token ``t``'s adapter (``adapters[slot]``) and ``(A_a, B_a)`` its (layer, m) weights.
 
-    ``seg_slots[s]`` indexes ``adapters`` (``-1``: no adapter). ``backend`` is ``"torch"`` (CPU
-    production path and reference semantics) or ``"triton"`` (reads pages in place). Pass the
-    runner's long-lived ``cache`` so the torch path reuses gathered weights across steps; without one
-    the batch gathers each (adapter, layer, module) once for this step.
+    ``x [T, group.in_features]``; ``y [T, group.out_features]`` (any strides), module ``m`` writing
+    columns ``group.cols[m] : group.cols[m] + group.widths[m]``. Tokens without an adapter, or whose
+    adapter lacks (layer, m), get nothing in those columns.
     """
-
-    def __init__(
-        self,
-        arena: torch.Tensor,
-        layout: PageLayout,
-        seg_starts: Sequence[int],
-        seg_slots: Sequence[int],
-        adapters: Sequence[AdapterPageTable],
-        backend: str = "torch",
-        cache: GatherCache | None = None,
-    ) -> None:
-        if arena.dim() != 2 or arena.shape[1] != layout.page_elems:
-            raise ValueError(f"arena must be [num_pages, {layout.page_elems}], got {tuple(arena.shape)}")
-        self.arena = arena
-        self.segments = LoraSegments(tuple(seg_starts), tuple(seg_slots))
-        self.adapters = tuple(adapters)
-        self.cache = cache if cache is not None else GatherCache()
-        self._args: dict[tuple[int, str], LoraArgs | None] = {}
-        self.active = self.segments.has_adapter_tokens
-        self.backend = backend
-        self._run = self._select(backend)
-        self._native = None
-        if backend == "native" and self.active:
-            rows = [None if slot < 0 else self.cache.native_rows(self.adapters[slot], layout)
-                    for slot in self.segments.seg_slots]
-            self._native = NativeStep(self.segments.seg_starts, rows, layout.num_layers)
-
-    @classmethod
-    def empty(cls) -> LoraBatch:
-        """A batch in which no token has an adapter: ``apply`` returns at once."""
-        batch = cls.__new__(cls)
-        batch.active = False
-        return batch
-
-    def _select(self, backend: str) -> RunFn:
-        if backend == "torch":
-            return self._run_torch
-        if backend == "native":
-            if self.arena.device.type != "cpu" or self.arena.dtype not in NATIVE_DTYPES:
-                raise ValueError(f"the native LoRA kernel needs a CPU arena in {NATIVE_DTYPES}")
-            if not native_available():
-                raise ValueError("the native LoRA kernel could not be built (see the log)")
-
-            def run_native(args: LoraArgs, key: tuple[int, str], x: torch.Tensor, y: torch.Tensor) -> None:
-                self._native.apply_group(self.arena, key[0], (key[1],), x, y, (y.shape[1],))
-
-            return run_native
-        if backend == "triton":
-            from kernels.triton_lora import lora_expand_triton, lora_shrink_triton
-
-            def run(args: LoraArgs, key: tuple[int, str], x: torch.Tensor, y: torch.Tensor) -> None:
-                lora_expand_triton(lora_shrink_triton(x, self.arena, args), self.arena, args, y)
-
-            return run
-        raise ValueError(f"unknown LoRA backend {backend!r}; expected 'torch', 'native' or 'triton'")
-
-    def args_for(self, layer: int, module: str) -> LoraArgs | None:
-        """This step's op arguments for (layer, module); None if no adapter in the batch targets it."""
-        key = (layer, module)
-        if key not in self._args:
-            mats = tuple(a.modules.get(key) for a in self.adapters)
-            self._args[key] = LoraArgs(self.segments, mats) if any(m is not None for m in mats) else None
-        return self._args[key]
-
-    def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        """``y[t] += scale_a * (x[t] @ A_a.T) @ B_a.T`` for tokens whose adapter targets (layer, module).
-
-        ``x [T, in]``, ``y [T, out]``; ``y`` may be a strided column slice of a fused output.
-        """
-        if not self.active:
-            return
-        args = self.args_for(layer, module)
-        if args is not None:
-            self._run(args, (layer, module), x, y)
-
-    def apply_group(self, layer: int, modules: tuple[str, ...], x: torch.Tensor, y: torch.Tensor,
-                    widths: tuple[int, ...]) -> None:
-        """``apply`` for modules that share ``x``, whose outputs are consecutive column blocks of
-        ``y`` of the given ``widths`` (fused q/k/v, gate/up). Same result; fewer ops on the torch path."""
-        if not self.active:
-            return
-        if self._native is not None:
-            self._native.apply_group(self.arena, layer, modules, x, y, widths)
-            return
-        if self.backend != "torch":
-            col = 0
-            for module, width in zip(modules, widths, strict=True):
-                self.apply(layer, module, x, y[:, col : col + width])
-                col += width
-            return
-        groups = [(rows, self.cache.get_fused(self.arena, self.adapters[slot], layer, modules, widths))
-                  for slot, rows in self.segments.row_groups(x.device).items()]
-        apply_fused(groups, x, y, self.cache.compute_dtype or self.arena.dtype)
-
-    def _run_torch(self, args: LoraArgs, key: tuple[int, str], x: torch.Tensor, y: torch.Tensor) -> None:
-        def weights(slot: int, mat: LoraMatrixPages) -> tuple[torch.Tensor, torch.Tensor]:
-            return self.cache.get(self.arena, self.adapters[slot].uid, key, mat)
-
-        for rows, mat, a, bt in _groups(args, x.device, weights):
-            xr = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
-            _add_rows(y, rows, xr.to(a.dtype) @ a.T, bt, mat.scale)
+    for module, col, width in zip(group.modules, group.cols, group.widths, strict=True):
+        mats = tuple(a.modules.get((layer, module)) for a in adapters)
+        if any(m is not None for m in mats):
+            args = LoraArgs(segments, mats)
+            lora_expand_ref(lora_shrink_ref(x, arena, args), arena, args, y[:, col : col + width])

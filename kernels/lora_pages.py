@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from server.page_layout import LoraMatrixPages
+from server.page_layout import AdapterPageTable, LoraMatrixPages
+
+if TYPE_CHECKING:
+    from adapter_store.peft_format import LoraWeights
+
+AdapterWeights = Mapping[tuple[int, str], "LoraWeights"]
 
 
 def _page_index(pages: Sequence[int], num_rows: int, rpp: int, device: torch.device) -> torch.Tensor:
@@ -46,3 +52,39 @@ def read_lora_weights(arena: torch.Tensor, mat: LoraMatrixPages) -> tuple[torch.
     a = read_matrix_rows(arena, mat.a_pages, mat.rank, mat.in_features)
     bt = read_matrix_rows(arena, mat.b_pages, mat.rank, mat.out_features)
     return a, bt
+
+
+def adapter_matrices(table: AdapterPageTable,
+                     weights: AdapterWeights) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+    """``(rows, pages)`` of every matrix of an adapter: ``A [r, in]`` as is, ``B`` as ``B.T [r, out]``."""
+    out = []
+    for key, mat in table.modules.items():
+        w = weights[key]
+        out += [(w.a, mat.a_pages), (w.b.t(), mat.b_pages)]
+    return out
+
+
+def pack_pages(matrices: Sequence[tuple[torch.Tensor, tuple[int, ...]]], page_elems: int,
+               out: torch.Tensor) -> list[int]:
+    """Lay matrices' rows out as the contents of their pages, in ``out [n_pages, page_elems]``.
+
+    Returns the page ids in order: ``out[i]`` is what page ``ids[i]`` must hold (rows as in
+    ``write_matrix_rows``; the unused tail of a page is left as ``out`` had it). Two copies per
+    matrix, whatever its rank: full pages as one block, then the last partial page.
+    """
+    ids: list[int] = []
+    for rows, pages in matrices:
+        num_rows, row_len = rows.shape
+        rpp = page_elems // row_len
+        need = -(-num_rows // rpp)
+        if rpp < 1 or len(pages) < need:
+            raise ValueError(f"{num_rows} rows of {row_len} do not fit {len(pages)} pages of {page_elems}")
+        first = len(ids)
+        ids += pages[:need]
+        dst = out[first : first + need, : rpp * row_len].view(need, rpp, row_len)
+        full = num_rows // rpp
+        if full:
+            dst[:full] = rows[: full * rpp].reshape(full, rpp, row_len)
+        if num_rows > full * rpp:
+            dst[full, : num_rows - full * rpp] = rows[full * rpp :]
+    return ids

@@ -1,161 +1,140 @@
-"""Triton LoRA shrink/expand that read ``A`` and ``B^T`` in place from the arena's pages.
+"""The Triton LoRA backend: fused multi-adapter shrink/expand reading ``A`` and ``B^T`` in place from pages.
 
-Same semantics as ``kernels.lora.lora_shrink_ref`` / ``lora_expand_ref``. Work is cut into tiles of
-``BLOCK_M`` rows of one segment; only segments with tokens and an adapter that has the module get
-tiles, so a step with one long prefill segment and many decode tokens launches no idle programs.
-Row ``j`` of a slot's matrix is read at
-``arena + page_table[slot, j // rpp] * page_elems + (j % rpp) * row_len + k``; each program masks by
-its own slot's rank, so mixed ranks share one launch without padding the weights.
+Per layer and module group (q/k/v, o, gate/up, down) there is one shrink launch and one expand
+launch for every adapter of the step, instead of one shrink, one expand and one zero-fill per
+(layer, module); a step whose segments are all decode-shaped or all prefill-shaped makes
+``8 * num_layers`` LoRA launches, a step mixing both ``16 * num_layers``, whatever the number of
+adapters. Program ``(tile, module[, column block])`` reads its tile's adapter block (see
+kernels/lora_meta.py), and exits at once if the adapter lacks that (layer, module) or the tile is
+padding. Each adapter is computed at its own rank (the loops over rank rows stop at its rank).
 
-This is the only module that imports triton; ``kernels.lora`` imports it lazily.
+Semantics (kernels.lora.lora_group_ref): for module ``m`` of the group and token ``t`` of adapter ``a``::
+
+    shrink:  v[t, m * R + j] = x[t] @ A_{a,m}[j]                       j < rank_{a,m}
+    expand:  y[t, cols_m + n] += scale_{a,m} * sum_j v[t, m * R + j] * B^T_{a,m}[j, n]
+
+``v`` is an fp32 scratch owned by the backend (``R``: the step's largest rank); ``y`` is read and
+written once per element in fp32 and rounded once. The decode-shaped variant (tiles of 1-4 rows)
+multiplies and sums in fp32 without ``tl.dot``; the prefill-shaped one uses ``tl.dot`` on 16-row
+tiles (fp32 operands in IEEE precision, to match the fp32 reference; bf16/fp16 operands natively).
+
+This is the only LoRA module that imports triton; ``kernels.backend`` imports it lazily.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from kernels.lora import LoraArgs
+from kernels.lora import LoraSegments
+from kernels.lora_backend import LoraBackend, LoraStep
+from kernels.lora_meta import SGMV_BLOCK_M, AdapterBlock, TileSet, adapter_block, plan_tiles
+from kernels.lora_pages import AdapterWeights, adapter_matrices
+from kernels.page_writer import PageWriter
+from kernels.step_buffer import StepPack
+from server.model_config import LORA_MODULES, LoraGroup
+from server.page_layout import AdapterPageTable, PageLayout
 
-BLOCK_M = 16  # tl.dot needs >= 16 rows; decode segments are 1 token, so bigger tiles waste work
+MAX_GROUP = 3  # modules per group (q/k/v); v holds MAX_GROUP * R columns
 # Triton 3.9's interpreter returns garbage from tl.dot on bf16 operands (fp16/fp32 are fine), so under
-# the interpreter the operands are upcast to fp32 first; compiled kernels keep the native dot.
+# the interpreter the prefill kernels' dot operands are upcast to fp32 first; compiled kernels keep the
+# native dot. The decode kernels use no tl.dot and run the GPU code path everywhere.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@dataclass(frozen=True)
-class _Tables:
-    tile_seg: torch.Tensor  # [num_tiles] int32: segment of each tile
-    tile_row: torch.Tensor  # [num_tiles] int32: first row of each tile
-    seg_ends: torch.Tensor  # [S] int32
-    seg_slots: torch.Tensor  # [S] int32
-    ranks: torch.Tensor  # [num_slots] int32, 0 where the slot lacks this module
-    scales: torch.Tensor  # [num_slots] float32
-    a_pages: torch.Tensor  # [num_slots, max_a_pages] int32, padded with 0
-    b_pages: torch.Tensor  # [num_slots, max_b_pages] int32
-
-
-def _page_table(rows: list[tuple[int, ...]], device: torch.device) -> torch.Tensor:
-    width = max((len(r) for r in rows), default=0) or 1
-    return torch.tensor([list(r) + [0] * (width - len(r)) for r in rows], dtype=torch.int32, device=device)
-
-
-def _tables(args: LoraArgs, device: torch.device) -> _Tables:
-    """Device tensors for one call, built once per (args, device) and kept on ``args``."""
-    key = ("triton", device)
-    if key in args._memo:
-        return args._memo[key]  # type: ignore[return-value]
-    seg = args.segments
-    ranks = [m.rank if m is not None else 0 for m in args.mats]
-    tiles = [
-        (s, row)
-        for s, slot in enumerate(seg.seg_slots)
-        if slot >= 0 and ranks[slot] > 0
-        for row in range(seg.seg_starts[s], seg.seg_starts[s + 1], BLOCK_M)
-    ]
-
-    def i32(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32, device=device)
-
-    tables = _Tables(
-        tile_seg=i32([t[0] for t in tiles]),
-        tile_row=i32([t[1] for t in tiles]),
-        seg_ends=i32(list(seg.seg_starts[1:])),
-        seg_slots=i32(list(seg.seg_slots)),
-        ranks=i32(ranks),
-        scales=torch.tensor(
-            [m.scale if m is not None else 0.0 for m in args.mats], dtype=torch.float32, device=device
-        ),
-        a_pages=_page_table([m.a_pages if m is not None else () for m in args.mats], device),
-        b_pages=_page_table([m.b_pages if m is not None else () for m in args.mats], device),
-    )
-    args._memo[key] = tables
-    return tables
 
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr, arena_ptr, v_ptr,
-    tile_seg_ptr, tile_row_ptr, seg_ends_ptr, seg_slots_ptr, ranks_ptr, a_pages_ptr,
-    K, page_elems, rpp, a_pages_stride, stride_xm, stride_xk, stride_vm, stride_vr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    x_ptr, arena_ptr, v_ptr, tiles_ptr, desc_ptr,
+    layer, K, page_elems, stride_xm, stride_xk, stride_vm, v_mod,
+    NUM_MODULES: tl.constexpr, FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
-    seg = tl.load(tile_seg_ptr + tile)
-    slot = tl.load(seg_slots_ptr + seg)
-    rank = tl.load(ranks_ptr + slot)
-    r0 = tl.program_id(1) * BLOCK_R
-    if r0 >= rank:
+    m = tl.program_id(1)
+    base = tl.load(tiles_ptr + tile * 3 + 2)
+    if base < 0:
         return
-    offs_m = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < tl.load(seg_ends_ptr + seg)
-    offs_r = r0 + tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
-    pages = tl.load(a_pages_ptr + slot * a_pages_stride + offs_r // rpp, mask=r_mask, other=0)
-    row_base = pages.to(tl.int64) * page_elems + (offs_r % rpp) * K
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        xt = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        at = tl.load(
-            arena_ptr + row_base[None, :] + offs_k[:, None],
-            mask=k_mask[:, None] & r_mask[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            xt, at = xt.to(tl.float32), at.to(tl.float32)
-        acc += tl.dot(xt, at, input_precision=PRECISION)
-    v_ptrs = v_ptr + offs_m[:, None] * stride_vm + offs_r[None, :] * stride_vr
-    tl.store(v_ptrs, acc.to(v_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
+    hdr = base + (layer * NUM_MODULES + FIRST + m) * 4
+    rank = tl.load(desc_ptr + hdr)
+    if rank == 0:
+        return
+    a_list = base + tl.load(desc_ptr + hdr + 2)
+    offs_m = tl.load(tiles_ptr + tile * 3) + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < tl.load(tiles_ptr + tile * 3 + 1)
+    rpp = page_elems // K
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        pages = tl.load(desc_ptr + a_list + offs_r // rpp, mask=r_mask, other=0)
+        row_base = pages.to(tl.int64) * page_elems + (offs_r % rpp) * K
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            at = tl.load(arena_ptr + row_base[None, :] + offs_k[:, None],
+                         mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            if USE_DOT:
+                if UPCAST:
+                    xt, at = xt.to(tl.float32), at.to(tl.float32)
+                acc += tl.dot(xt, at, input_precision=PRECISION)
+            else:
+                acc += tl.sum(xt.to(tl.float32)[:, :, None] * at.to(tl.float32)[None, :, :], axis=1)
+        v_ptrs = v_ptr + offs_m[:, None] * stride_vm + (m * v_mod + offs_r)[None, :]
+        tl.store(v_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit
 def _expand_kernel(
-    v_ptr, arena_ptr, y_ptr,
-    tile_seg_ptr, tile_row_ptr, seg_ends_ptr, seg_slots_ptr, ranks_ptr, scales_ptr, b_pages_ptr,
-    N, page_elems, rpp, b_pages_stride, stride_vm, stride_vr, stride_ym, stride_yn,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    v_ptr, arena_ptr, y_ptr, tiles_ptr, desc_ptr, scale_ptr,
+    layer, page_elems, stride_vm, v_mod, stride_ym, stride_yn, W0, W1, W2,
+    NUM_MODULES: tl.constexpr, FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
-    seg = tl.load(tile_seg_ptr + tile)
-    slot = tl.load(seg_slots_ptr + seg)
-    rank = tl.load(ranks_ptr + slot)
-    offs_m = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < tl.load(seg_ends_ptr + seg)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    m = tl.program_id(1)
+    width = tl.where(m == 0, W0, tl.where(m == 1, W1, W2))
+    col = tl.where(m == 0, 0, tl.where(m == 1, W0, W0 + W1))
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if tl.program_id(2) * BLOCK_N >= width:
+        return
+    base = tl.load(tiles_ptr + tile * 3 + 2)
+    if base < 0:
+        return
+    hdr = base + (layer * NUM_MODULES + FIRST + m) * 4
+    rank = tl.load(desc_ptr + hdr)
+    if rank == 0:
+        return
+    b_list = base + tl.load(desc_ptr + hdr + 3)
+    offs_m = tl.load(tiles_ptr + tile * 3) + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < tl.load(tiles_ptr + tile * 3 + 1)
+    n_mask = offs_n < width
+    rpp = page_elems // width
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
-        vt = tl.load(
-            v_ptr + offs_m[:, None] * stride_vm + offs_r[None, :] * stride_vr,
-            mask=m_mask[:, None] & r_mask[None, :],
-            other=0.0,
-        )
-        pages = tl.load(b_pages_ptr + slot * b_pages_stride + offs_r // rpp, mask=r_mask, other=0)
-        row_base = pages.to(tl.int64) * page_elems + (offs_r % rpp) * N
-        bt = tl.load(
-            arena_ptr + row_base[:, None] + offs_n[None, :],
-            mask=r_mask[:, None] & n_mask[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            vt, bt = vt.to(tl.float32), bt.to(tl.float32)
-        acc += tl.dot(vt, bt, input_precision=PRECISION)
-    scale = tl.load(scales_ptr + slot)
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        vt = tl.load(v_ptr + offs_m[:, None] * stride_vm + (m * v_mod + offs_r)[None, :],
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        pages = tl.load(desc_ptr + b_list + offs_r // rpp, mask=r_mask, other=0)
+        row_base = pages.to(tl.int64) * page_elems + (offs_r % rpp) * width
+        bt = tl.load(arena_ptr + row_base[:, None] + offs_n[None, :],
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        if USE_DOT:
+            if UPCAST:
+                acc += tl.dot(vt, bt.to(tl.float32), input_precision=PRECISION)
+            else:
+                acc += tl.dot(vt.to(bt.dtype), bt, input_precision=PRECISION)
+        else:
+            acc += tl.sum(vt[:, :, None] * bt.to(tl.float32)[None, :, :], axis=1)
+    scale = tl.load(scale_ptr + hdr + 1)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + (col + offs_n)[None, :] * stride_yn
     mask = m_mask[:, None] & n_mask[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptrs, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=mask)
@@ -165,43 +144,85 @@ def _block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-def _dot_options(dtype: torch.dtype) -> dict[str, object]:
-    """fp32 serving must match the fp32 reference (PEFT), so no TF32 for fp32 (nor for the
-    interpreter's upcast bf16, which is exact in fp32); for native bf16/fp16 operands it is ignored."""
-    upcast = _INTERPRET and dtype == torch.bfloat16
-    return {"PRECISION": "ieee" if dtype == torch.float32 or upcast else "tf32", "UPCAST": upcast}
+class TritonLoraStep(LoraStep):
+    def __init__(self, backend: TritonLoraBackend, sets: list[TileSet], v: torch.Tensor,
+                 max_rank: int) -> None:
+        self.backend = backend
+        self.sets = sets
+        self.v = v  # [T, MAX_GROUP * max_rank] fp32 scratch
+        self.max_rank = max_rank
+        self.tiles: list[torch.Tensor] = []
+
+    def bind(self, views: Mapping[str, torch.Tensor]) -> None:
+        self.desc = views["lora_desc"]
+        self.scales = self.desc.view(torch.float32)  # the same words, read as the scales they hold
+        self.tiles = [views[f"lora_tiles_{s.block_m}"] for s in self.sets]
+
+    def apply(self, layer: int, group: LoraGroup, x: torch.Tensor, y: torch.Tensor) -> None:
+        arena, v = self.backend.arena, self.v
+        n_mod = len(group.modules)
+        w = (*group.widths, 0, 0)[:MAX_GROUP]
+        page_elems = arena.shape[1]
+        fp32 = x.dtype == torch.float32
+        for ts, tiles in zip(self.sets, self.tiles, strict=True):
+            dot = ts.block_m >= SGMV_BLOCK_M
+            upcast = dot and _INTERPRET and x.dtype == torch.bfloat16
+            opts = dict(NUM_MODULES=len(LORA_MODULES), FIRST=group.first, BLOCK_M=ts.block_m, USE_DOT=dot,
+                        UPCAST=upcast, PRECISION="ieee" if fp32 or upcast else "tf32")
+            _shrink_kernel[(tiles.shape[0], n_mod)](
+                x, arena, v, tiles, self.desc, layer, group.in_features, page_elems, x.stride(0), x.stride(1),
+                v.stride(0), self.max_rank, BLOCK_R=_block(self.max_rank, 16, 64 if dot else 16),
+                BLOCK_K=_block(group.in_features, 16, 64), **opts)
+            grid = (tiles.shape[0], n_mod, triton.cdiv(max(group.widths), 64))
+            _expand_kernel[grid](
+                v, arena, y, tiles, self.desc, self.scales, layer, page_elems, v.stride(0), self.max_rank,
+                y.stride(0), y.stride(1), *w, BLOCK_R=_block(self.max_rank, 16, 32 if dot else 16),
+                BLOCK_N=64, **opts)
 
 
-def lora_shrink_triton(x: torch.Tensor, arena: torch.Tensor, args: LoraArgs) -> torch.Tensor:
-    """``x [T, K] -> v [T, R]``: ``v[t, :r_a] = x[t] @ A_a.T``, zeros elsewhere (see ``lora_shrink_ref``)."""
-    rank_max = args.max_rank
-    v = x.new_zeros(x.shape[0], rank_max)
-    t = _tables(args, x.device)
-    if t.tile_seg.numel() == 0 or rank_max == 0:
-        return v
-    mat = next(m for m in args.mats if m is not None)
-    block_r, block_k = _block(rank_max, 16, 64), _block(mat.in_features, 16, 64)
-    grid = (t.tile_seg.numel(), triton.cdiv(rank_max, block_r))
-    _shrink_kernel[grid](
-        x, arena, v, t.tile_seg, t.tile_row, t.seg_ends, t.seg_slots, t.ranks, t.a_pages,
-        mat.in_features, arena.shape[1], arena.shape[1] // mat.in_features, t.a_pages.stride(0),
-        x.stride(0), x.stride(1), v.stride(0), v.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=block_k, **_dot_options(x.dtype),
-    )  # fmt: skip
-    return v
+class TritonLoraBackend(LoraBackend):
+    """Fused Triton LoRA kernels; metadata in the step's one upload; adapter writes batched."""
 
+    name = "triton"
 
-def lora_expand_triton(v: torch.Tensor, arena: torch.Tensor, args: LoraArgs, y: torch.Tensor) -> None:
-    """``y[t] += scale_a * v[t, :r_a] @ B_a.T`` in place (see ``lora_expand_ref``); ``y`` may be strided."""
-    t = _tables(args, v.device)
-    if t.tile_seg.numel() == 0 or args.max_rank == 0:
-        return
-    mat = next(m for m in args.mats if m is not None)
-    block_r, block_n = _block(args.max_rank, 16, 32), _block(mat.out_features, 16, 64)
-    grid = (t.tile_seg.numel(), triton.cdiv(mat.out_features, block_n))
-    _expand_kernel[grid](
-        v, arena, y, t.tile_seg, t.tile_row, t.seg_ends, t.seg_slots, t.ranks, t.scales, t.b_pages,
-        mat.out_features, arena.shape[1], arena.shape[1] // mat.out_features, t.b_pages.stride(0),
-        v.stride(0), v.stride(1), y.stride(0), y.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_N=block_n, **_dot_options(v.dtype),
-    )  # fmt: skip
+    def __init__(self, arena: torch.Tensor, layout: PageLayout) -> None:
+        super().__init__(arena, layout)
+        self.writer = PageWriter(arena)
+        self._blocks: dict[int, AdapterBlock] = {}
+        self._v = torch.empty(0, dtype=torch.float32, device=arena.device)
+
+    def write_adapter(self, table: AdapterPageTable, weights: AdapterWeights) -> None:
+        self.writer.write(table.uid, adapter_matrices(table, weights))
+
+    def drop_adapter(self, uid: int) -> None:
+        self._blocks.pop(uid, None)
+        self.writer.forget(uid)
+
+    def __contains__(self, uid: int) -> bool:
+        return uid in self._blocks
+
+    def _block(self, table: AdapterPageTable) -> AdapterBlock:
+        hit = self._blocks.get(table.uid)
+        if hit is None:
+            hit = self._blocks[table.uid] = adapter_block(table, self.layout.num_layers)
+        return hit
+
+    def _scratch(self, rows: int, cols: int) -> torch.Tensor:
+        """``v [rows, cols]`` from a grow-only fp32 buffer: no allocation in the steady state."""
+        if self._v.numel() < rows * cols:
+            self._v = torch.empty(1 << (rows * cols - 1).bit_length(), dtype=torch.float32,
+                                  device=self.arena.device)
+        return self._v[: rows * cols].view(rows, cols)
+
+    def prepare_step(self, segments: LoraSegments, adapters: Sequence[AdapterPageTable],
+                     pack: StepPack) -> LoraStep:
+        self.writer.ready(a.uid for a in adapters)
+        blocks = [self._block(a) for a in adapters]
+        bases = np.cumsum([0] + [b.data.size for b in blocks[:-1]]).tolist()
+        pack.add("lora_desc", np.concatenate([b.data for b in blocks]) if blocks else np.zeros(1))
+        sets = plan_tiles(segments.seg_starts, segments.seg_slots, bases)
+        for ts in sets:
+            pack.add(f"lora_tiles_{ts.block_m}", ts.tiles)
+        max_rank = max((b.max_rank for b in blocks), default=1) or 1
+        v = self._scratch(max(segments.num_tokens, 1), MAX_GROUP * max_rank)
+        return TritonLoraStep(self, sets, v, max_rank)

@@ -1,30 +1,37 @@
 """The one tensor boundary: a SchedulerOutput (plain data) becomes the tensors of one step.
 
-Chunks are ordered by adapter so that each adapter's tokens form one contiguous LoRA segment (the
-order of rows within a step has no effect on results). Nothing else in the server turns
-bookkeeping into tensors.
+Everything the forward reads (token ids, positions, slot mapping, block tables, sequence lengths,
+sample rows, and whatever the LoRA backend's kernels need) is built here on the host with numpy,
+packed into one int32 buffer and uploaded with one copy (kernels/step_buffer.py); the forward gets
+views of that buffer and creates no tensor from Python data. Chunks are ordered by adapter so that
+each adapter's tokens form one contiguous LoRA segment (the order of rows within a step has no
+effect on results).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kernels.attention import AttnMeta
-from kernels.lora import GatherCache, LoraBatch
+from kernels.lora import LoraSegments
+from kernels.lora_backend import LoraBackend, LoraStep
+from kernels.step_buffer import StepBuffer, StepPack
 from server.page_layout import AdapterPageTable, PageLayout
 from server.scheduler import ScheduledChunk, SchedulerOutput
 
 
 @dataclass
 class StepBatch:
-    input_ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64
+    input_ids: torch.Tensor  # [T] int32
+    positions: torch.Tensor  # [T] int32
     attn: AttnMeta
-    lora: LoraBatch | None
-    sample_rows: torch.Tensor  # [S_sample] int64: the last row of each chunk that samples
+    lora: LoraStep | None
+    sample_rows: torch.Tensor  # [S_sample] int32: the last row of each chunk that samples
     sample_request_ids: list[str]  # request id of each sample row, in order
 
 
@@ -32,52 +39,53 @@ def _adapter_key(c: ScheduledChunk) -> int:
     return -1 if c.adapter_uid is None else c.adapter_uid
 
 
-def build_step(out: SchedulerOutput, layout: PageLayout, arena: torch.Tensor,
-               page_table: Callable[[int], AdapterPageTable], lora_backend: str,
-               lora_cache: GatherCache) -> StepBatch:
+def _bucket(n: int) -> int:
+    """Round a padded dimension up to a power of two: fewer distinct shapes for the kernels."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def build_step(out: SchedulerOutput, layout: PageLayout, buffer: StepBuffer, lora: LoraBackend,
+               page_table: Callable[[int], AdapterPageTable]) -> StepBatch:
     chunks = sorted(out.chunks, key=_adapter_key)
-    device = arena.device
-    ids: list[int] = []
-    pos: list[int] = []
-    seq_of_row: list[int] = []
-    cu = [0]
-    ctx = []
+    q_lens = np.array([len(c.token_ids) for c in chunks], dtype=np.int64)
+    starts = np.array([c.start_pos for c in chunks], dtype=np.int64)
+    cu = np.zeros(len(chunks) + 1, dtype=np.int64)
+    np.cumsum(q_lens, out=cu[1:])
+    num_tokens = int(cu[-1])
+    seq_of_row = np.repeat(np.arange(len(chunks)), q_lens)
+    positions = starts[seq_of_row] + np.arange(num_tokens) - cu[:-1][seq_of_row]
+    ctx = starts + q_lens
+    max_blocks = _bucket(max(len(c.block_table[0]) for c in chunks))
+    block_tables = np.zeros((layout.num_layers, len(chunks), max_blocks), dtype=np.int32)
     for s, c in enumerate(chunks):
-        n = len(c.token_ids)
-        ids.extend(c.token_ids)
-        pos.extend(range(c.start_pos, c.start_pos + n))
-        seq_of_row.extend([s] * n)
-        cu.append(cu[-1] + n)
-        ctx.append(c.start_pos + n)
-    max_blocks = max(len(c.block_table[0]) for c in chunks)
-    tables = [[row + [0] * (max_blocks - len(row)) for row in c.block_table] for c in chunks]
-    block_tables = torch.tensor(tables, dtype=torch.int32).transpose(0, 1).contiguous()  # [L, S, B]
-    positions = torch.tensor(pos, dtype=torch.int64)
-    rows = torch.tensor(seq_of_row, dtype=torch.int64)
-    pages = block_tables[:, rows, positions // layout.block_size].long()  # [L, T]
-    slot_mapping = pages * layout.block_size + positions % layout.block_size
-    attn = AttnMeta(
-        block_tables=block_tables.to(device),
-        slot_mapping=slot_mapping.to(device),
-        cu_q_lens=torch.tensor(cu, dtype=torch.int32, device=device),
-        ctx_lens=torch.tensor(ctx, dtype=torch.int32, device=device),
-        max_q_len=max(len(c.token_ids) for c in chunks),
-        max_ctx_len=max(ctx),
-    )
-    sampling = [(cu[s + 1] - 1, c.request_id) for s, c in enumerate(chunks) if c.sample]
-    return StepBatch(
-        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-        positions=positions.to(device),
-        attn=attn,
-        lora=_lora_batch(chunks, cu, layout, arena, page_table, lora_backend, lora_cache),
-        sample_rows=torch.tensor([r for r, _ in sampling], dtype=torch.int64, device=device),
-        sample_request_ids=[rid for _, rid in sampling],
-    )
+        block_tables[:, s, : len(c.block_table[0])] = c.block_table
+    bs = layout.block_size
+    slot_mapping = block_tables[:, seq_of_row, positions // bs] * bs + (positions % bs).astype(np.int32)
+    sampling = [(int(cu[s + 1]) - 1, c.request_id) for s, c in enumerate(chunks) if c.sample]
+
+    pack = StepPack()
+    pack.add("input_ids", np.fromiter(itertools.chain.from_iterable(c.token_ids for c in chunks),
+                                      dtype=np.int32, count=num_tokens))
+    pack.add("positions", positions)
+    pack.add("slot_mapping", slot_mapping)
+    pack.add("block_tables", block_tables)
+    pack.add("cu_q_lens", cu)
+    pack.add("ctx_lens", ctx)
+    pack.add("sample_rows", [r for r, _ in sampling])
+    lora_step = _lora_step(chunks, cu, lora, page_table, pack)
+    views = buffer.upload(pack)
+    if lora_step is not None:
+        lora_step.bind(views)
+    attn = AttnMeta(block_tables=views["block_tables"], slot_mapping=views["slot_mapping"],
+                    cu_q_lens=views["cu_q_lens"], ctx_lens=views["ctx_lens"], max_q_len=int(q_lens.max()),
+                    max_ctx_len=int(ctx.max()), host_cu_q_lens=tuple(cu.tolist()),
+                    host_ctx_lens=tuple(ctx.tolist()))
+    return StepBatch(input_ids=views["input_ids"], positions=views["positions"], attn=attn, lora=lora_step,
+                     sample_rows=views["sample_rows"], sample_request_ids=[rid for _, rid in sampling])
 
 
-def _lora_batch(chunks: list[ScheduledChunk], cu: list[int], layout: PageLayout, arena: torch.Tensor,
-                page_table: Callable[[int], AdapterPageTable], backend: str,
-                cache: GatherCache) -> LoraBatch | None:
+def _lora_step(chunks: list[ScheduledChunk], cu: np.ndarray, lora: LoraBackend,
+               page_table: Callable[[int], AdapterPageTable], pack: StepPack) -> LoraStep | None:
     """One segment per run of chunks sharing an adapter (they are sorted by adapter)."""
     if all(c.adapter_uid is None for c in chunks):
         return None
@@ -91,8 +99,8 @@ def _lora_batch(chunks: list[ScheduledChunk], cu: list[int], layout: PageLayout,
         if uid is not None and slot == len(tables):
             tables.append(page_table(uid))
         if seg_slots and seg_slots[-1] == slot:
-            seg_starts[-1] = cu[s + 1]
+            seg_starts[-1] = int(cu[s + 1])
         else:
             seg_slots.append(slot)
-            seg_starts.append(cu[s + 1])
-    return LoraBatch(arena, layout, seg_starts, seg_slots, tables, backend=backend, cache=cache)
+            seg_starts.append(int(cu[s + 1]))
+    return lora.prepare_step(LoraSegments(tuple(seg_starts), tuple(seg_slots)), tables, pack)

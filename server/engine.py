@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from adapter_store.store import AdapterStore
-from kernels.backend import select_backend, select_lora_backend
+from kernels.backend import select_backend
 from server.adapter_info import describe
 from server.adapters import AdapterManager, AdapterRef
 from server.config import EngineConfig
@@ -84,9 +84,8 @@ class LLMEngine:
                              f"need at least {mc.num_layers}")
         self.pool = PagePool(num_pages)
         backend = select_backend(device, config.kernel_backend)
-        lora_backend = select_lora_backend(device, dtype, backend.name, config.lora_backend)
         self.runner = ModelRunner(mc, loaded.weights, self.layout, num_pages, backend, self.max_model_len,
-                                  seed=config.seed, lora_backend=lora_backend,
+                                  seed=config.seed, lora_backend=config.lora_backend,
                                   prepack=config.prepack_weights)
         store = AdapterStore(Path(config.adapter_store_dir))
         self.adapters = AdapterManager(store, mc, self.layout, num_pages, config.host_cache_bytes,
@@ -100,8 +99,8 @@ class LLMEngine:
         log.info("engine ready: model=%s dtype=%s device=%s backend=%s lora=%s pool=%d pages x %d bytes "
                  "(%.1f MiB, block_size=%d, page_elems=%d) max_model_len=%d adapters_on_disk=%d "
                  "prefix_caching=%s",
-                 self.model_name, str(dtype).removeprefix("torch."), device, backend.name, lora_backend,
-                 num_pages, page_bytes,
+                 self.model_name, str(dtype).removeprefix("torch."), device, backend.name,
+                 self.runner.lora.name, num_pages, page_bytes,
                  num_pages * page_bytes / 2**20, self.layout.block_size, self.layout.page_elems,
                  self.max_model_len, len(self.adapters.list()), config.enable_prefix_caching)
 

@@ -2,8 +2,9 @@
 
 One call computes a whole engine step: prefill chunks and decode tokens of many requests, flattened
 into ``T`` rows. The base model's matrix products are shared by all rows; the LoRA terms are added
-per row by ``LoraBatch`` (kernels/lora.py). q/k/v and gate/up weights are fused at load time so a
-layer makes four base GEMMs; on CPU their weights are prepacked for oneDNN (``Linear``).
+per row by the step's ``LoraStep`` (kernels/lora_backend.py), one call per ``LoraGroup`` and layer.
+q/k/v and gate/up weights are fused at load time so a layer makes four base GEMMs (and four LoRA
+group calls); on CPU their weights are prepacked for oneDNN (``Linear``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,7 @@ from server.model_config import ModelConfig
 if TYPE_CHECKING:
     from kernels.attention import AttnMeta
     from kernels.backend import KernelBackend
-    from kernels.lora import LoraBatch
-
-QKV = ("q_proj", "k_proj", "v_proj")  # LoRA modules that read the same input, fused output columns
-GATE_UP = ("gate_proj", "up_proj")
+    from kernels.lora_backend import LoraStep
 
 
 @dataclass
@@ -47,6 +45,7 @@ class LlamaModel:
         self.layers = [self._fuse(weights, i, prepack) for i in range(config.num_layers)]
         self.rotary = RotaryCache(config, max_positions, self.embed.device)
         self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.qkv_lora, self.o_lora, self.gate_up_lora, self.down_lora = config.lora_groups()
 
     @staticmethod
     def _fuse(w: dict[str, torch.Tensor], i: int, prepack: bool) -> LayerWeights:
@@ -62,7 +61,7 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnMeta,
-                kv_pages: torch.Tensor, lora: LoraBatch | None, sample_rows: torch.Tensor) -> torch.Tensor:
+                kv_pages: torch.Tensor, lora: LoraStep | None, sample_rows: torch.Tensor) -> torch.Tensor:
         """Logits ``[len(sample_rows), vocab]`` (fp32) for the rows that sample.
 
         input_ids, positions: ``[T]``; kv_pages: ``[num_pages, 2, block_size, kv_heads, head_dim]``
@@ -80,13 +79,13 @@ class LlamaModel:
         return self.lm_head(h).float()
 
     def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   attn: AttnMeta, kv_pages: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+                   attn: AttnMeta, kv_pages: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
         cfg = self.config
         t = x.shape[0]
         qs, kvs = cfg.q_size, cfg.kv_size
         qkv = lw.qkv(x)
         if lora is not None:
-            lora.apply_group(i, QKV, x, qkv, (qs, kvs, kvs))
+            lora.apply(i, self.qkv_lora, x, qkv)
         q = qkv[:, :qs].view(t, cfg.num_heads, cfg.head_dim)
         k = qkv[:, qs : qs + kvs].view(t, cfg.num_kv_heads, cfg.head_dim)
         v = qkv[:, qs + kvs :].view(t, cfg.num_kv_heads, cfg.head_dim)
@@ -96,16 +95,15 @@ class LlamaModel:
         o = self.backend.paged_attention(q, kv_pages, attn, i, self.scale).reshape(t, qs)
         out = lw.o(o)
         if lora is not None:
-            lora.apply_group(i, ("o_proj",), o, out, (out.shape[1],))
+            lora.apply(i, self.o_lora, o, out)
         return out
 
-    def _mlp(self, i: int, lw: LayerWeights, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
-        inter = self.config.intermediate_size
+    def _mlp(self, i: int, lw: LayerWeights, x: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
         gate_up = lw.gate_up(x)
         if lora is not None:
-            lora.apply_group(i, GATE_UP, x, gate_up, (inter, inter))
+            lora.apply(i, self.gate_up_lora, x, gate_up)
         a = swiglu(gate_up)
         out = lw.down(a)
         if lora is not None:
-            lora.apply_group(i, ("down_proj",), a, out, (out.shape[1],))
+            lora.apply(i, self.down_lora, a, out)
         return out

@@ -11,6 +11,45 @@ from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
+# The LoRA-targetable linear modules of a layer, in a fixed order: kernels index per-module
+# descriptors by position in this tuple, and each ``LoraGroup`` is a consecutive run of it.
+LORA_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraGroup:
+    """Modules of one layer that read the same input and write consecutive column blocks of one
+    fused output: our forward computes q/k/v as one GEMM and gate/up as one, so their LoRA terms are
+    computed together too (one kernel launch per group and layer, not per module).
+
+    ``first`` is the index of ``modules[0]`` in ``LORA_MODULES``; module ``i`` of the group writes
+    columns ``cols[i] : cols[i] + widths[i]`` of the group's output.
+    """
+
+    name: str
+    modules: tuple[str, ...]
+    in_features: int
+    widths: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        start = LORA_MODULES.index(self.modules[0])
+        if LORA_MODULES[start : start + len(self.modules)] != self.modules:
+            raise ValueError(f"group {self.name}: {self.modules} is not a consecutive run of {LORA_MODULES}")
+        if len(self.widths) != len(self.modules):
+            raise ValueError(f"group {self.name}: one width per module")
+
+    @property
+    def first(self) -> int:
+        return LORA_MODULES.index(self.modules[0])
+
+    @property
+    def cols(self) -> tuple[int, ...]:
+        return tuple(sum(self.widths[:i]) for i in range(len(self.widths)))
+
+    @property
+    def out_features(self) -> int:
+        return sum(self.widths)
+
 
 class UnsupportedModel(ValueError):
     """The model config describes something this server cannot serve."""
@@ -65,7 +104,8 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of every LoRA-targetable linear module of one layer."""
+        """(in_features, out_features) of every LoRA-targetable linear module of one layer, in
+        ``LORA_MODULES`` order."""
         h, i = self.hidden_size, self.intermediate_size
         return {
             "q_proj": (h, self.q_size),
@@ -76,6 +116,14 @@ class ModelConfig:
             "up_proj": (h, i),
             "down_proj": (i, h),
         }
+
+    def lora_groups(self) -> tuple[LoraGroup, ...]:
+        """The module groups the forward applies LoRA to, in forward order: q/k/v, o, gate/up, down."""
+        shapes = self.linear_shapes()
+        groups = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)),
+                  ("gate_up", ("gate_proj", "up_proj")), ("down", ("down_proj",)))
+        return tuple(LoraGroup(name, mods, shapes[mods[0]][0], tuple(shapes[m][1] for m in mods))
+                     for name, mods in groups)
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:

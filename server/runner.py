@@ -1,7 +1,9 @@
 """Runs one engine step on the device: copy new adapters into pages, build tensors, forward, sample.
 
-The runner owns the arena (the unified pool's memory) and everything derived from it. It is the
-only component besides ``server/batch.py`` that touches tensors.
+The runner owns the arena (the unified pool's memory) and everything derived from it: the LoRA
+backend object (chosen once here; it owns its caches and writes adapters into the pages) and the
+step buffer every step's metadata is uploaded through. It is the only component besides
+``server/batch.py`` that touches tensors.
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kernels.backend import KernelBackend
-from kernels.lora import GatherCache, write_matrix_rows
-from kernels.lora_native import write_adapter_rows
+from kernels.backend import KernelBackend, select_lora_backend
+from kernels.step_buffer import StepBuffer
 from server.batch import build_step
 from server.model import LlamaModel
 from server.model_config import ModelConfig
@@ -52,16 +53,13 @@ class ModelRunner:
         some = weights["model.embed_tokens.weight"]
         self.layout = layout
         self.backend = backend
-        self.lora_backend = lora_backend or backend.name
         self.arena = torch.zeros(num_pages, layout.page_elems, dtype=some.dtype, device=some.device)
         self.kv_pages = self.arena.view(
             num_pages, 2, layout.block_size, layout.num_kv_heads, layout.head_dim
         )
+        self.lora = select_lora_backend(self.arena, layout, backend.name, lora_backend)
+        self.step_buffer = StepBuffer(self.arena.device)
         self.model = LlamaModel(config, weights, backend, max_positions, prepack=prepack)
-        # Small bf16 matmuls are several times slower than fp32 ones on CPU: keep the gathered
-        # LoRA weights in fp32 there (measured in kernels/lora.py's notes) and round y once.
-        slow_bf16 = some.device.type == "cpu" and some.dtype != torch.float32
-        self.lora_cache = GatherCache(compute_dtype=torch.float32 if slow_bf16 else None)
         self.sampler = Sampler(seed)
 
     @property
@@ -70,20 +68,10 @@ class ModelRunner:
 
     def write_adapter(self, table: AdapterPageTable, weights: Mapping[tuple[int, str], LoraWeights]) -> None:
         """Copy an adapter's host tensors into its pages: A as rows, B transposed as rows."""
-        if self.lora_backend == "native":  # one C copy for all rows (native implies a CPU arena)
-            rows: list[tuple[torch.Tensor, tuple[int, ...]]] = []
-            for key, mat in table.modules.items():
-                w = weights[key]
-                rows += [(w.a, mat.a_pages), (w.b.t(), mat.b_pages)]
-            write_adapter_rows(self.arena, self.layout.page_elems, rows)
-            return
-        for key, mat in table.modules.items():
-            w = weights[key]
-            write_matrix_rows(self.arena, mat.a_pages, w.a.to(self.arena.dtype))
-            write_matrix_rows(self.arena, mat.b_pages, w.b.t().to(self.arena.dtype))
+        self.lora.write_adapter(table, weights)
 
     def drop_adapter(self, uid: int) -> None:
-        self.lora_cache.drop(uid)
+        self.lora.drop_adapter(uid)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, page_table: Callable[[int], AdapterPageTable],
@@ -93,7 +81,7 @@ class ModelRunner:
             self.drop_adapter(uid)
         if not out.chunks:
             return {}
-        step = build_step(out, self.layout, self.arena, page_table, self.lora_backend, self.lora_cache)
+        step = build_step(out, self.layout, self.step_buffer, self.lora, page_table)
         logits = self.model.forward(step.input_ids, step.positions, step.attn, self.kv_pages, step.lora,
                                     step.sample_rows)
         if not step.sample_request_ids:

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.lora import LoraArgs, LoraSegments, write_matrix_rows
-from server.page_layout import LoraMatrixPages, PageLayout
+from kernels.lora import LoraArgs, LoraSegments
+from kernels.lora_pages import write_matrix_rows
+from server.model_config import LoraGroup
+from server.page_layout import AdapterPageTable, LoraMatrixPages, PageLayout
 
 # 128-element pages: rows of 32 fit 4 per page, rows of 48 fit 2 (with a 32-element unused tail).
 LAYOUT = PageLayout(page_elems=128, block_size=4, num_layers=2, num_kv_heads=2, head_dim=8)
@@ -105,3 +107,51 @@ def dense_delta(x: torch.Tensor, args: LoraArgs, dense: list[Dense | None]) -> t
 RANKS: list[int | None] = [64, 1, 128, 8, 16, None]
 SEG_LENS = [3, 0, 150, 1, 1, 2, 0, 5, 1, 4, 2, 1]
 SEG_SLOTS = [2, 0, 0, -1, 4, 1, 3, 2, 5, -1, 3, 1]
+
+
+# Per-module (in, out) of a small model, and its module groups as the forward uses them.
+SHAPES = {
+    "q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (32, 32),
+    "gate_proj": (32, 48), "up_proj": (32, 48), "down_proj": (48, 32),
+}  # fmt: skip
+GROUPS = (
+    LoraGroup("qkv", ("q_proj", "k_proj", "v_proj"), 32, (32, 16, 16)),
+    LoraGroup("o", ("o_proj",), 32, (32,)),
+    LoraGroup("gate_up", ("gate_proj", "up_proj"), 32, (48, 48)),
+    LoraGroup("down", ("down_proj",), 48, (32,)),
+)
+
+
+def model_adapters(arena: torch.Tensor, seed: int = 7) -> tuple[list[AdapterPageTable], list[dict]]:
+    """Three adapters written into ``arena`` (>= 512 pages): every module at rank 16; q/k/v of layer
+    0 only at rank 4; and per-module ranks 1..128 on gate, up, q and down. Returns the page tables
+    and, per adapter, ``{(layer, module): Dense}``."""
+    gen = torch.Generator().manual_seed(seed)
+    alloc = PageAlloc(arena.shape[0], seed=seed)
+    plans = [
+        {(layer, m): 16 for layer in (0, 1) for m in SHAPES},
+        {(0, m): 4 for m in ("q_proj", "k_proj", "v_proj")},
+        {(layer, m): r for layer in (0, 1)
+         for m, r in (("gate_proj", 1), ("up_proj", 32), ("q_proj", 8), ("down_proj", 128))},
+    ]
+    tables, dense = [], []
+    for uid, plan in enumerate(plans, start=100):
+        mods, dens = {}, {}
+        for (layer, m), rank in plan.items():
+            mods[(layer, m)], dens[(layer, m)] = add_matrix(arena, alloc, rank, *SHAPES[m], gen)
+        tables.append(AdapterPageTable(uid, mods))
+        dense.append(dens)
+    return tables, dense
+
+
+def dense_group(x: torch.Tensor, y0: torch.Tensor, seg_starts: list[int], seg_slots: list[int],
+                dense: list[dict], layer: int, group: LoraGroup) -> torch.Tensor:
+    """``y0`` plus the group's LoRA terms, in float64, from the original A and B."""
+    out = y0.double().clone()
+    for s, slot in enumerate(seg_slots):
+        for t in range(seg_starts[s], seg_starts[s + 1]):
+            for m, col, width in zip(group.modules, group.cols, group.widths, strict=True):
+                d = dense[slot].get((layer, m)) if slot >= 0 else None
+                if d is not None:
+                    out[t, col : col + width] += d.scale * (x[t].double() @ d.a.double().T) @ d.b.double().T
+    return out

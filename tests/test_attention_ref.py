@@ -74,7 +74,8 @@ def build_case(seqs: list[tuple[int, int]], h: int, kvh: int, d: int, block_size
         step_v.append(torch.cat([v[c - n :] for v, (c, n) in zip(vs, seqs, strict=True)]).to(device))
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     meta = AttnMeta(block_tables.to(device), slots.to(device), cu.to(device),
-                    torch.tensor(ctx, dtype=torch.int32, device=device), max(q_lens), max(ctx))
+                    torch.tensor(ctx, dtype=torch.int32, device=device), max(q_lens), max(ctx),
+                    tuple(cu.tolist()), tuple(ctx))
     q = torch.randn(sum(q_lens), h, d, generator=gen).to(dtype).to(device)
     return Case(q, kv_pages.to(dtype).to(device), meta, step_k, step_v, dense_k, dense_v, q_lens)
 

@@ -1,123 +1,80 @@
-"""The C LoRA kernel (kernels/lora_native.c via ``LoraBatch(backend="native")``) against the torch
-path, which test_lora_ref.py checks against a dense float64 computation."""
+"""The C LoRA kernel's own cases (kernels/lora_native.c): vector tails, operand checks, the build cache,
+the batched row copy and backend selection. tests/test_lora_backends.py checks it against the dense
+oracle like every other backend."""
 
 import pytest
 import torch
 
-from kernels.backend import select_lora_backend
-from kernels.lora import GatherCache, LoraBatch
-from kernels.lora_native import available, build, write_adapter_rows
+from kernels.backend import lora_backend_name, select_lora_backend
+from kernels.lora import LoraSegments
+from kernels.lora_native import NativeLoraBackend, write_adapter_rows
 from kernels.lora_pages import read_matrix_rows, write_matrix_rows
+from kernels.lora_torch import TorchLoraBackend
+from kernels.native_lib import available, build
+from kernels.step_buffer import StepPack
+from server.model_config import LoraGroup
 from server.page_layout import AdapterPageTable
-from tests.lora_cases import LAYOUT, PageAlloc, add_matrix
-from tests.test_lora_ref import SHAPES, TOL, _model_adapters
+from tests.lora_cases import GROUPS, LAYOUT, PageAlloc, add_matrix, model_adapters
 
 pytestmark = pytest.mark.skipif(not available(), reason="no C compiler for the native LoRA kernel")
-
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("up_proj",), ("q_proj",))
-# Slot 0 twice and unsorted, a no-adapter run, an empty segment, and runs longer than a 4-token tile.
-SEG_STARTS, SEG_SLOTS = [0, 2, 3, 3, 12, 13, 19], [1, -1, 0, 2, 0, 1]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_matches_torch_path(dtype: torch.dtype) -> None:
-    torch.manual_seed(0)
-    arena = torch.randn(512, LAYOUT.page_elems).to(dtype)
-    adapters, _ = _model_adapters(arena, SHAPES)
-    t = SEG_STARTS[-1]
-    x = torch.randn(t, 32).to(dtype)
-    compute = torch.float32 if dtype == torch.bfloat16 else None
-    for layer in (0, 1):
-        for group in GROUPS:
-            widths = tuple(SHAPES[m][1] for m in group)
-            base = torch.randn(t, sum(widths)).to(dtype)
-            ref, got = base.clone(), base.clone()
-            LoraBatch(arena, LAYOUT, SEG_STARTS, SEG_SLOTS, adapters, "torch",
-                      GatherCache(compute)).apply_group(layer, group, x, ref, widths)
-            LoraBatch(arena, LAYOUT, SEG_STARTS, SEG_SLOTS, adapters, "native",
-                      GatherCache()).apply_group(layer, group, x, got, widths)
-            # Same fp32 products; only the summation order differs, and y is rounded once in both.
-            torch.testing.assert_close(got.double(), ref.double(), **TOL[dtype])
-            if layer == 0 and group == GROUPS[0]:
-                assert not torch.equal(got, base)  # the case does add something
+TOL32 = {"atol": 1e-4, "rtol": 1e-4}
 
 
 @pytest.mark.parametrize("rank", [1, 5, 16])
 def test_native_vector_tails_against_dense(rank: int) -> None:
     """Widths that are not multiples of the kernel's 8/16-float vectors, odd ranks, 1..7-token runs."""
-    k, widths = 37, (21, 40)
+    group = LoraGroup("gate_up", ("gate_proj", "up_proj"), 37, (21, 40))
     gen = torch.Generator().manual_seed(rank)
     arena = torch.randn(256, LAYOUT.page_elems)
     alloc = PageAlloc(256, seed=rank)
     tables, dense = [], []
     for uid, r in ((1, rank), (2, rank + 2)):
-        mats = {(0, "gate_proj"): add_matrix(arena, alloc, r, k, widths[0], gen),
-                (0, "up_proj"): add_matrix(arena, alloc, r, k, widths[1], gen)}
+        mats = {(0, m): add_matrix(arena, alloc, r, 37, w, gen) for m, w in zip(group.modules, group.widths,
+                                                                               strict=True)}
         tables.append(AdapterPageTable(uid, {key: m for key, (m, _) in mats.items()}))
         dense.append({key: d for key, (_, d) in mats.items()})
     seg_starts, seg_slots = [0, 7, 8, 11, 13], [0, 1, -1, 1]
-    x = torch.randn(13, k)
-    y = torch.randn(13, sum(widths))
+    x = torch.randn(13, 37)
+    y = torch.randn(13, sum(group.widths))
     expected = y.double().clone()
     for s, slot in enumerate(seg_slots):
         for t in range(seg_starts[s], seg_starts[s + 1]):
-            col = 0
-            for m, w in zip(("gate_proj", "up_proj"), widths, strict=True):
+            for m, col, w in zip(group.modules, group.cols, group.widths, strict=True):
                 if slot >= 0:
                     d = dense[slot][(0, m)]
                     expected[t, col : col + w] += d.scale * (x[t].double() @ d.a.double().T) @ d.b.double().T
-                col += w
-    LoraBatch(arena, LAYOUT, seg_starts, seg_slots, tables, "native").apply_group(
-        0, ("gate_proj", "up_proj"), x, y, widths)
-    torch.testing.assert_close(y.double(), expected, **TOL[torch.float32])
-
-
-def test_native_per_module_apply_into_column_slice() -> None:
-    torch.manual_seed(1)
-    arena = torch.randn(512, LAYOUT.page_elems)
-    adapters, _ = _model_adapters(arena, SHAPES)
-    t = SEG_STARTS[-1]
-    x = torch.randn(t, 32)
-    fused_ref = torch.randn(t, 64 + 48)
-    fused_got = fused_ref.clone()
-    ref = LoraBatch(arena, LAYOUT, SEG_STARTS, SEG_SLOTS, adapters, "torch")
-    got = LoraBatch(arena, LAYOUT, SEG_STARTS, SEG_SLOTS, adapters, "native")
-    for batch, y in ((ref, fused_ref), (got, fused_got)):
-        batch.apply(0, "gate_proj", x, y[:, 64:])  # a strided view: rows 112 apart
-    torch.testing.assert_close(fused_got, fused_ref, **TOL[torch.float32])
-    assert torch.equal(fused_got[:, :64], fused_ref[:, :64])
-
-
-def test_native_rows_are_cached_per_uid_and_dropped() -> None:
-    arena = torch.randn(512, LAYOUT.page_elems)
-    adapters, _ = _model_adapters(arena, SHAPES)
-    cache = GatherCache()
-    LoraBatch(arena, LAYOUT, [0, 1, 2], [0, 2], adapters, "native", cache)
-    assert adapters[0].uid in cache and adapters[2].uid in cache and len(cache) == 2
-    cache.drop(adapters[0].uid)
-    assert adapters[0].uid not in cache and len(cache) == 1
+    backend = NativeLoraBackend(arena, LAYOUT)
+    backend.prepare_step(LoraSegments(tuple(seg_starts), tuple(seg_slots)), tables, StepPack()).apply(
+        0, group, x, y)
+    torch.testing.assert_close(y.double(), expected, **TOL32)
 
 
 def test_native_refuses_bad_operands() -> None:
-    arena = torch.randn(512, LAYOUT.page_elems)
-    adapters, _ = _model_adapters(arena, SHAPES)
-    batch = LoraBatch(arena, LAYOUT, [0, 2], [0], adapters, "native")
+    arena = torch.randn(1024, LAYOUT.page_elems)
+    adapters, _ = model_adapters(arena)
+    step = NativeLoraBackend(arena, LAYOUT).prepare_step(LoraSegments((0, 2), (0,)), adapters, StepPack())
+    qkv = GROUPS[0]
     with pytest.raises(ValueError, match="dtype"):
-        batch.apply_group(0, ("q_proj",), torch.randn(2, 32, dtype=torch.float64), torch.zeros(2, 32), (32,))
+        step.apply(0, qkv, torch.randn(2, 32, dtype=torch.float64), torch.zeros(2, 64))
     with pytest.raises(ValueError, match="rows"):
-        batch.apply_group(0, ("q_proj",), torch.randn(3, 32), torch.zeros(3, 32), (32,))
+        step.apply(0, qkv, torch.randn(3, 32), torch.zeros(3, 64))
     with pytest.raises(ValueError, match="native"):
-        LoraBatch(arena.half(), LAYOUT, [0, 2], [0], adapters, "native")
+        NativeLoraBackend(arena.half(), LAYOUT)
 
 
 def test_backend_selection_and_cached_build(tmp_path) -> None:
     cpu = torch.device("cpu")
-    assert select_lora_backend(cpu, torch.float32, "torch") == "native"
-    assert select_lora_backend(cpu, torch.float16, "torch") == "torch"
-    assert select_lora_backend(cpu, torch.float32, "triton") == "triton"
-    assert select_lora_backend(cpu, torch.float32, "torch", "torch") == "torch"
+    assert lora_backend_name(cpu, torch.float32, "torch") == "native"
+    assert lora_backend_name(cpu, torch.float16, "torch") == "torch"
+    assert lora_backend_name(cpu, torch.float32, "triton") == "triton"
+    assert lora_backend_name(cpu, torch.float32, "torch", "torch") == "torch"
     with pytest.raises(ValueError, match="native"):
-        select_lora_backend(cpu, torch.float16, "torch", "native")
+        lora_backend_name(cpu, torch.float16, "torch", "native")
+    with pytest.raises(ValueError, match="unknown LoRA backend"):
+        lora_backend_name(cpu, torch.float32, "torch", "cuda-magic")
+    arena = torch.zeros(4, LAYOUT.page_elems)
+    assert isinstance(select_lora_backend(arena, LAYOUT, "torch"), NativeLoraBackend)
+    assert isinstance(select_lora_backend(arena.half(), LAYOUT, "torch"), TorchLoraBackend)
     first = build(tmp_path)
     mtime = first.stat().st_mtime_ns
     assert build(tmp_path) == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt

@@ -1,4 +1,4 @@
-"""The CPU production path of ``LoraBatch``: cached weights, one shrink per adapter for a module group.
+"""The torch LoRA backend: the fallback on any device, and on CPU a cache of gathered weights.
 
 Why: with many adapters in a step, each decoding one or two tokens, the LoRA work is thousands of
 tiny matmuls per step (profiled on the 64-adapter scenario: ~120 us per (adapter, module), 65% of
@@ -17,13 +17,17 @@ all groups go into one buffer in the compute dtype, added to ``y`` once (one rou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from kernels.lora_native import AdapterRows
-from kernels.lora_pages import read_lora_weights
+from kernels.lora import LoraSegments, Rows
+from kernels.lora_backend import LoraBackend, LoraStep
+from kernels.lora_pages import AdapterWeights, adapter_matrices, read_lora_weights
+from kernels.page_writer import PageWriter
+from kernels.step_buffer import StepPack
+from server.model_config import LoraGroup
 from server.page_layout import AdapterPageTable, LoraMatrixPages, PageLayout
 
 
@@ -81,12 +85,11 @@ def apply_fused(groups: Sequence[tuple[slice | torch.Tensor, FusedEntry]], x: to
 
 
 class GatherCache:
-    """Contiguous copies ``(A, B^T)`` of resident adapters' pages, kept across engine steps.
+    """Contiguous copies of resident adapters' weights per (layer, module group), kept across steps.
 
     Keyed by adapter uid: uids are never reused and an adapter's pages never change while it is
-    resident, so an entry stays valid until ``drop(uid)`` (call it when the adapter is evicted, or the
-    copies outlive it). Costs host memory equal to the resident adapters' weights. Not thread-safe:
-    one runner thread owns it.
+    resident, so an entry stays valid until ``drop(uid)`` (called when the adapter is evicted).
+    Costs host memory equal to the resident adapters' weights. One runner thread owns it.
 
     ``compute_dtype`` (default: the arena's) is the dtype copies are kept and multiplied in. On CPU
     with a bf16 arena, ``torch.float32`` is faster for decode-sized groups: small bf16 matmuls pay a
@@ -96,25 +99,13 @@ class GatherCache:
 
     def __init__(self, compute_dtype: torch.dtype | None = None) -> None:
         self.compute_dtype = compute_dtype
-        self._entries: dict[int, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = {}
         self._fused: dict[int, dict[tuple[int, tuple[str, ...]], FusedEntry]] = {}
-        self._rows: dict[int, AdapterRows] = {}
 
     def _read(self, arena: torch.Tensor, mat: LoraMatrixPages) -> tuple[torch.Tensor, torch.Tensor]:
         a, bt = read_lora_weights(arena, mat)
         if self.compute_dtype is not None:
             a, bt = a.to(self.compute_dtype), bt.to(self.compute_dtype)
         return a, bt
-
-    def get(
-        self, arena: torch.Tensor, uid: int, key: tuple[int, str], mat: LoraMatrixPages
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B^T)`` of one (layer, module) of adapter ``uid``."""
-        per_adapter = self._entries.setdefault(uid, {})
-        hit = per_adapter.get(key)
-        if hit is None:
-            hit = per_adapter[key] = self._read(arena, mat)
-        return hit
 
     def get_fused(self, arena: torch.Tensor, table: AdapterPageTable, layer: int,
                   modules: tuple[str, ...], widths: tuple[int, ...]) -> FusedEntry:
@@ -127,20 +118,54 @@ class GatherCache:
             per_adapter[key] = build_fused(parts, mats, widths)
         return per_adapter[key]
 
-    def native_rows(self, table: AdapterPageTable, layout: PageLayout) -> AdapterRows:
-        """The native kernel's row offsets and descriptors of adapter ``table.uid`` (no weight copy)."""
-        hit = self._rows.get(table.uid)
-        if hit is None:
-            hit = self._rows[table.uid] = AdapterRows(table, layout.num_layers, layout.page_elems)
-        return hit
-
     def drop(self, uid: int) -> None:
-        self._entries.pop(uid, None)
         self._fused.pop(uid, None)
-        self._rows.pop(uid, None)
 
     def __contains__(self, uid: int) -> bool:
-        return uid in self._entries or uid in self._fused or uid in self._rows
+        return uid in self._fused
 
     def __len__(self) -> int:
-        return len(self._entries.keys() | self._fused.keys() | self._rows.keys())
+        return len(self._fused)
+
+
+class TorchLoraStep(LoraStep):
+    def __init__(self, backend: TorchLoraBackend, adapters: Sequence[AdapterPageTable],
+                 rows: Mapping[int, Rows]) -> None:
+        self.backend = backend
+        self.adapters = adapters
+        self.rows = rows  # slot -> its tokens' rows (computed before the forward)
+
+    def apply(self, layer: int, group: LoraGroup, x: torch.Tensor, y: torch.Tensor) -> None:
+        b = self.backend
+        work = [(rows, b.cache.get_fused(b.arena, self.adapters[slot], layer, group.modules, group.widths))
+                for slot, rows in self.rows.items()]
+        apply_fused(work, x, y, b.cache.compute_dtype or b.arena.dtype)
+
+
+class TorchLoraBackend(LoraBackend):
+    """LoRA with torch ops: per (adapter, module group), one shrink matmul and one expand per module."""
+
+    name = "torch"
+
+    def __init__(self, arena: torch.Tensor, layout: PageLayout) -> None:
+        super().__init__(arena, layout)
+        # Small bf16 matmuls are several times slower than fp32 ones on CPU: keep the gathered
+        # weights in fp32 there (see GatherCache) and round y once.
+        slow_bf16 = arena.device.type == "cpu" and arena.dtype != torch.float32
+        self.cache = GatherCache(compute_dtype=torch.float32 if slow_bf16 else None)
+        self.writer = PageWriter(arena)
+
+    def write_adapter(self, table: AdapterPageTable, weights: AdapterWeights) -> None:
+        self.writer.write(table.uid, adapter_matrices(table, weights))
+
+    def drop_adapter(self, uid: int) -> None:
+        self.cache.drop(uid)
+        self.writer.forget(uid)
+
+    def __contains__(self, uid: int) -> bool:
+        return uid in self.cache
+
+    def prepare_step(self, segments: LoraSegments, adapters: Sequence[AdapterPageTable],
+                     pack: StepPack) -> LoraStep:
+        self.writer.ready(a.uid for a in adapters)
+        return TorchLoraStep(self, adapters, segments.row_groups(self.arena.device))

@@ -1,0 +1,99 @@
+"""What the Triton LoRA kernels read for a step, built on the host (numpy only: no torch, no triton).
+
+Everything goes into the step's one upload (kernels/step_buffer.py) as two kinds of int32 data:
+
+**Adapter blocks** (section ``lora_desc``). Per resident adapter, built once from its page table and
+cached until it is evicted::
+
+    header [num_layers, len(LORA_MODULES), 4]: rank, scale (float32 bits), start of A's page ids,
+                                               start of B^T's page ids   (offsets within the block)
+    page ids of every matrix, A then B^T, module after module
+
+``rank == 0`` means the adapter lacks that (layer, module). A step's blocks are concatenated; the
+kernels find row ``j`` of a matrix at ``arena[page * page_elems + (j % rpp) * row_len]`` with
+``page = block[start + j // rpp]`` and ``rpp = page_elems // row_len``, each adapter at its own
+rank. (Re-sending the blocks every step costs ~4 KB per rank-16 seven-module SmolLM2 adapter; the
+alternative, a device-resident directory of blocks, would need its own allocator.)
+
+**Tiles** (sections ``lora_tiles_<block_m>``). One work item per ``block_m`` rows of an adapter's
+segment: ``(first row, end of the segment, start of the adapter's block)``. Segments of at most
+``DECODE_MAX`` tokens (decode) get tiles of 1, 2 or 4 rows, computed without ``tl.dot`` (BGMV-like,
+no 16-row tile mostly masked); longer ones (prefill) get 16-row tiles computed with ``tl.dot``
+(SGMV). Each set is padded to a power-of-two count with ``(0, 0, -1)`` items that exit at once, so
+a kernel's grid takes few distinct shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.model_config import LORA_MODULES
+from server.page_layout import AdapterPageTable
+
+HDR_FIELDS = 4
+DECODE_MAX = 4  # segments up to this many tokens use the decode-shaped kernels
+SGMV_BLOCK_M = 16  # tl.dot needs at least 16 rows
+_MODULE_INDEX = {m: i for i, m in enumerate(LORA_MODULES)}
+
+
+@dataclass(frozen=True)
+class AdapterBlock:
+    data: np.ndarray  # int32, header then page ids
+    max_rank: int
+
+
+def adapter_block(table: AdapterPageTable, num_layers: int) -> AdapterBlock:
+    """One adapter's header and page ids (see the module docstring)."""
+    header = np.zeros((num_layers, len(LORA_MODULES), HDR_FIELDS), dtype=np.int32)
+    pages: list[int] = []
+    start = header.size
+    for (layer, module), mat in table.modules.items():
+        a_start = start + len(pages)
+        pages += mat.a_pages
+        header[layer, _MODULE_INDEX[module]] = (mat.rank, np.float32(mat.scale).view(np.int32), a_start,
+                                                start + len(pages))
+        pages += mat.b_pages
+    data = np.concatenate([header.reshape(-1), np.asarray(pages, dtype=np.int32)])
+    return AdapterBlock(data, max((m.rank for m in table.modules.values()), default=0))
+
+
+@dataclass(frozen=True)
+class TileSet:
+    block_m: int
+    tiles: np.ndarray  # [n, 3] int32, n a power of two
+
+
+def plan_tiles(seg_starts: Sequence[int], seg_slots: Sequence[int],
+               slot_base: Sequence[int]) -> list[TileSet]:
+    """The decode-shaped and prefill-shaped work lists of a step (either may be absent)."""
+    short: list[tuple[int, int, int]] = []
+    long: list[tuple[int, int, int]] = []
+    longest_short = 0
+    for s, slot in enumerate(seg_slots):
+        start, end = seg_starts[s], seg_starts[s + 1]
+        if slot < 0 or end == start:
+            continue
+        if end - start <= DECODE_MAX:
+            longest_short = max(longest_short, end - start)
+            short.append((start, end, slot_base[slot]))
+        else:
+            long += [(row, end, slot_base[slot]) for row in range(start, end, SGMV_BLOCK_M)]
+    sets = []
+    if short:
+        block_m = 1 << (longest_short - 1).bit_length()
+        short = [(row, end, base) for start, end, base in short for row in range(start, end, block_m)]
+        sets.append(TileSet(block_m, _padded(short)))
+    if long:
+        sets.append(TileSet(SGMV_BLOCK_M, _padded(long)))
+    return sets
+
+
+def _padded(tiles: list[tuple[int, int, int]]) -> np.ndarray:
+    n = 1 << (len(tiles) - 1).bit_length()
+    out = np.zeros((n, 3), dtype=np.int32)
+    out[:, 2] = -1
+    out[: len(tiles)] = tiles
+    return out

@@ -1,0 +1,124 @@
+"""Every LoRA backend (torch, native C, Triton) against the dense float64 oracle, through the interface
+the model uses: ``prepare_step`` -> upload -> ``bind`` -> ``apply(layer, group, x, y)``.
+
+The Triton backend runs under TRITON_INTERPRET=1 without a GPU (conftest.py), hence ``slow``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lora_cases import GROUPS, LAYOUT, PageAlloc, dense_group, model_adapters
+
+from adapter_store.peft_format import LoraWeights
+from kernels.backend import select_lora_backend
+from kernels.lora import LoraSegments
+from kernels.lora_pages import read_matrix_rows
+from kernels.native_lib import available as native_available
+from kernels.step_buffer import StepBuffer, StepPack
+from server.model_config import LoraGroup
+from server.page_layout import AdapterPageTable, LoraMatrixPages
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+Q_ONLY = LoraGroup("q", ("q_proj",), 32, (32,))
+BACKENDS = [
+    pytest.param("torch", id="torch"),
+    pytest.param("native", id="native",
+                 marks=pytest.mark.skipif(DEVICE != "cpu" or not native_available(), reason="no C kernel")),
+    pytest.param("triton", id="triton", marks=pytest.mark.slow),
+]
+# fp32: only summation order differs (1e-4). bf16: the backends round v and/or y at different
+# points (the Triton decode kernels keep v in fp32); a few bf16 ulps of O(1) values.
+TOL = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.bfloat16: {"atol": 4e-2, "rtol": 4e-2}}
+# (seg_starts, seg_slots): decode singletons (Triton: 1-row tiles), short runs (4-row tiles), and a
+# prefill step mixing 16-row tiles with decode tiles; no-adapter and empty segments, repeated slots.
+SEGMENTS = {
+    "decode": ([0, 1, 2, 3, 4, 5, 6, 7], [0, 2, -1, 1, 2, 0, 1]),
+    "short": ([0, 3, 4, 4, 6, 9], [1, 2, 0, -1, 0]),
+    "mixed": ([0, 2, 3, 23, 24, 41, 42], [1, -1, 0, 2, 1, 0]),
+}
+
+
+def make_backend(name: str, arena: torch.Tensor):
+    return select_lora_backend(arena, LAYOUT, "torch", name)
+
+
+def run_step(backend, seg_starts, seg_slots, adapters):
+    pack = StepPack()
+    step = backend.prepare_step(LoraSegments(tuple(seg_starts), tuple(seg_slots)), adapters, pack)
+    step.bind(StepBuffer(backend.arena.device).upload(pack))
+    return step
+
+
+@pytest.mark.parametrize("segments", sorted(SEGMENTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_backend_matches_dense(name: str, dtype: torch.dtype, segments: str) -> None:
+    seg_starts, seg_slots = SEGMENTS[segments]
+    gen = torch.Generator().manual_seed(5)
+    arena = torch.randn(1024, LAYOUT.page_elems, generator=gen).to(dtype)  # garbage outside the rows
+    adapters, dense = model_adapters(arena)
+    arena = arena.to(DEVICE)
+    backend = make_backend(name, arena)
+    step = run_step(backend, seg_starts, seg_slots, adapters)
+    t = seg_starts[-1]
+    for layer in (0, 1):
+        for group in GROUPS:
+            x = torch.randn(t, group.in_features, generator=gen).to(dtype)
+            fused = torch.randn(t, group.out_features + 8, generator=gen).to(dtype)
+            before = fused.clone()
+            y = fused[:, : group.out_features]  # rows out_features + 8 apart, as in a fused output
+            expected = dense_group(x, y, seg_starts, seg_slots, dense, layer, group)
+            y_dev = y.to(DEVICE) if DEVICE != "cpu" else y
+            step.apply(layer, group, x.to(DEVICE), y_dev)
+            torch.testing.assert_close(y_dev.double().cpu(), expected, **TOL[dtype])
+            assert torch.equal(fused[:, group.out_features :], before[:, group.out_features :])
+            if layer == 0 and group.name == "qkv":
+                assert not torch.equal(y.cpu(), before[:, : group.out_features])  # the case adds something
+
+
+def _weights(table: AdapterPageTable, dtype: torch.dtype, seed: int) -> dict[tuple[int, str], LoraWeights]:
+    gen = torch.Generator().manual_seed(seed)
+    return {key: LoraWeights(torch.randn(m.rank, m.in_features, generator=gen).to(dtype),
+                             torch.randn(m.out_features, m.rank, generator=gen).to(dtype), m.rank, m.scale)
+            for key, m in table.modules.items()}
+
+
+def _table(uid: int, alloc: PageAlloc) -> AdapterPageTable:
+    mods = {}
+    for (layer, module, rank, k, n) in ((0, "q_proj", 5, 32, 32), (1, "gate_proj", 9, 32, 48),
+                                         (0, "down_proj", 3, 48, 32)):
+        mods[(layer, module)] = LoraMatrixPages(rank, 0.5, k, n, alloc.take(LAYOUT.pages_for_rows(rank, k)),
+                                                alloc.take(LAYOUT.pages_for_rows(rank, n)))
+    return AdapterPageTable(uid, mods)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_write_adapter_and_reuse_of_pages_after_drop(name: str, dtype: torch.dtype) -> None:
+    """Rows land in their pages (A as is, B transposed; weights cast to the arena's dtype) and nothing
+    else changes; after ``drop_adapter`` the same pages hold a new adapter and steps see only it."""
+    arena = torch.full((64, LAYOUT.page_elems), 7.0, dtype=dtype, device=DEVICE)
+    backend = make_backend(name, arena)
+    old = _table(1, PageAlloc(64, seed=1))
+    for uid, table in ((1, old), (2, AdapterPageTable(2, old.modules))):  # 2 reuses 1's pages
+        weights = _weights(table, torch.float32, seed=uid)
+        backend.write_adapter(table, weights)
+        for key, m in table.modules.items():
+            w = weights[key]
+            assert torch.equal(read_matrix_rows(arena, m.a_pages, m.rank, m.in_features).cpu(), w.a.to(dtype))
+            assert torch.equal(read_matrix_rows(arena, m.b_pages, m.rank, m.out_features).cpu(),
+                               w.b.t().to(dtype))
+        used = {p for m in table.modules.values() for p in (*m.a_pages, *m.b_pages)}
+        untouched = [p for p in range(64) if p not in used]
+        assert bool((arena[untouched] == 7.0).all())
+        x = torch.randn(2, 32, dtype=dtype, device=DEVICE)
+        y = torch.zeros(2, 32, dtype=dtype, device=DEVICE)
+        run_step(backend, [0, 1, 2], [0, -1], [table]).apply(0, Q_ONLY, x, y)
+        w = weights[(0, "q_proj")]
+        want = 0.5 * (x[0].double().cpu() @ w.a.double().T) @ w.b.double().T
+        torch.testing.assert_close(y[0].double().cpu(), want, **TOL[dtype])
+        assert not y[1].any()
+        assert uid in backend
+        backend.drop_adapter(uid)
+        assert uid not in backend

@@ -1,0 +1,40 @@
+"""The Triton LoRA backend's host-side metadata (kernels/lora_meta.py): exact tiles and descriptor words."""
+
+import numpy as np
+
+from kernels.lora_meta import HDR_FIELDS, adapter_block, plan_tiles
+from server.model_config import LORA_MODULES
+from server.page_layout import AdapterPageTable, LoraMatrixPages
+
+
+def test_decode_steps_get_one_row_tiles_padded_to_a_power_of_two() -> None:
+    (ts,) = plan_tiles([0, 1, 2, 3, 4, 5, 6], [0, -1, 1, 0, 2, 1], [0, 100, 200])
+    assert ts.block_m == 1
+    assert ts.tiles.tolist() == [[0, 1, 0], [2, 3, 100], [3, 4, 0], [4, 5, 200], [5, 6, 100],
+                                 [0, 0, -1], [0, 0, -1], [0, 0, -1]]
+
+
+def test_short_and_long_segments_get_their_own_tile_sets() -> None:
+    # segments: 3 tokens of slot 1, an empty one, 35 tokens of slot 0, 2 tokens without adapter
+    short, long = plan_tiles([0, 3, 3, 38, 40], [1, 0, 0, -1], [0, 50])
+    assert short.block_m == 4 and short.tiles.tolist() == [[0, 3, 50]]
+    assert long.block_m == 16
+    assert long.tiles.tolist() == [[3, 38, 0], [19, 38, 0], [35, 38, 0], [0, 0, -1]]
+    assert plan_tiles([0, 2, 4], [-1, -1], []) == []
+
+
+def test_adapter_block_words() -> None:
+    q = LoraMatrixPages(rank=3, scale=0.25, in_features=8, out_features=8, a_pages=(7,), b_pages=(9, 4))
+    down = LoraMatrixPages(rank=5, scale=2.0, in_features=16, out_features=8, a_pages=(1, 2), b_pages=(3,))
+    block = adapter_block(AdapterPageTable(1, {(0, "q_proj"): q, (1, "down_proj"): down}), num_layers=2)
+    assert block.max_rank == 5
+    m = len(LORA_MODULES)
+    header = block.data[: 2 * m * HDR_FIELDS].reshape(2, m, HDR_FIELDS)
+    start = header.size
+    assert header[0, 0, 0] == 3 and header[0, 0, 1:].tolist()[1:] == [start, start + 1]
+    assert np.array([header[0, 0, 1]], dtype=np.int32).view(np.float32)[0] == 0.25
+    d = LORA_MODULES.index("down_proj")
+    assert header[1, d, 0] == 5 and header[1, d, 2:].tolist() == [start + 3, start + 5]
+    assert np.array([header[1, d, 1]], dtype=np.int32).view(np.float32)[0] == 2.0
+    assert block.data[start:].tolist() == [7, 9, 4, 1, 2, 3]
+    assert (header[:, :, 0] != 0).sum() == 2  # every other (layer, module): rank 0
