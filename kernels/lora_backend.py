@@ -54,6 +54,16 @@ class LoraStep(ABC):
         """``y[t, cols_m] += scale_a * (x[t] @ A_a.T) @ B_a.T`` for each module ``m`` of ``group``."""
 
 
+class NoLoraStep(LoraStep):
+    """A step in which no token has an adapter."""
+
+    def apply(self, layer: int, group: LoraGroup, x: torch.Tensor, y: torch.Tensor) -> None:
+        return None
+
+
+NO_LORA = NoLoraStep()
+
+
 class LoraBackend(ABC):
     """One LoRA implementation over the runner's arena."""
 

@@ -15,11 +15,13 @@ kernels find row ``j`` of a matrix at ``arena[page * page_elems + (j % rpp) * ro
 rank. (Re-sending the blocks every step costs ~4 KB per rank-16 seven-module SmolLM2 adapter; the
 alternative, a device-resident directory of blocks, would need its own allocator.)
 
-**Tiles** (sections ``lora_tiles_<block_m>``). One work item per ``block_m`` rows of an adapter's
-segment: ``(first row, end of the segment, start of the adapter's block)``. Segments of at most
-``DECODE_MAX`` tokens (decode) get tiles of 1, 2 or 4 rows, computed without ``tl.dot`` (BGMV-like,
-no 16-row tile mostly masked); longer ones (prefill) get 16-row tiles computed with ``tl.dot``
-(SGMV). Each set is padded to a power-of-two count with ``(0, 0, -1)`` items that exit at once, so
+**Tiles** (section ``lora_tiles``). One work item per tile of an adapter's segment: ``(first row,
+end of the segment, start of the adapter's block)``. A segment of at most ``DECODE_MAX`` tokens
+(decode) is one short tile of ``short_m`` rows (1, 2 or 4: the step's longest short segment, rounded
+up to a power of two), computed without ``tl.dot`` (BGMV-like: no 16-row tile mostly masked); a
+longer one (prefill) is cut into 16-row tiles computed with ``tl.dot`` (SGMV). Both kinds share one
+list, so a step makes one launch per kernel whatever its mix; a program tells its kind from its row
+count. The list is padded to a power-of-two length with ``(0, 0, -1)`` items that exit at once, so
 a kernel's grid takes few distinct shapes.
 """
 
@@ -61,39 +63,28 @@ def adapter_block(table: AdapterPageTable, num_layers: int) -> AdapterBlock:
 
 
 @dataclass(frozen=True)
-class TileSet:
-    block_m: int
-    tiles: np.ndarray  # [n, 3] int32, n a power of two
+class Tiles:
+    short_m: int  # rows of a short (decode-shaped) tile: 1, 2 or 4
+    items: np.ndarray  # [n, 3] int32, n a power of two
 
 
-def plan_tiles(seg_starts: Sequence[int], seg_slots: Sequence[int],
-               slot_base: Sequence[int]) -> list[TileSet]:
-    """The decode-shaped and prefill-shaped work lists of a step (either may be absent)."""
-    short: list[tuple[int, int, int]] = []
-    long: list[tuple[int, int, int]] = []
-    longest_short = 0
+def plan_tiles(seg_starts: Sequence[int], seg_slots: Sequence[int], slot_base: Sequence[int]) -> Tiles | None:
+    """The step's work list (see the module docstring); None if no token has an adapter."""
+    items: list[tuple[int, int, int]] = []
+    longest_short = 1
     for s, slot in enumerate(seg_slots):
         start, end = seg_starts[s], seg_starts[s + 1]
         if slot < 0 or end == start:
             continue
         if end - start <= DECODE_MAX:
             longest_short = max(longest_short, end - start)
-            short.append((start, end, slot_base[slot]))
+            items.append((start, end, slot_base[slot]))
         else:
-            long += [(row, end, slot_base[slot]) for row in range(start, end, SGMV_BLOCK_M)]
-    sets = []
-    if short:
-        block_m = 1 << (longest_short - 1).bit_length()
-        short = [(row, end, base) for start, end, base in short for row in range(start, end, block_m)]
-        sets.append(TileSet(block_m, _padded(short)))
-    if long:
-        sets.append(TileSet(SGMV_BLOCK_M, _padded(long)))
-    return sets
-
-
-def _padded(tiles: list[tuple[int, int, int]]) -> np.ndarray:
-    n = 1 << (len(tiles) - 1).bit_length()
+            items += [(row, end, slot_base[slot]) for row in range(start, end, SGMV_BLOCK_M)]
+    if not items:
+        return None
+    n = 1 << (len(items) - 1).bit_length()
     out = np.zeros((n, 3), dtype=np.int32)
     out[:, 2] = -1
-    out[: len(tiles)] = tiles
-    return out
+    out[: len(items)] = items
+    return Tiles(1 << (longest_short - 1).bit_length(), out)

@@ -1,12 +1,14 @@
 """The Triton LoRA backend: fused multi-adapter shrink/expand reading ``A`` and ``B^T`` in place from pages.
 
 Per layer and module group (q/k/v, o, gate/up, down) there is one shrink launch and one expand
-launch for every adapter of the step, instead of one shrink, one expand and one zero-fill per
-(layer, module); a step whose segments are all decode-shaped or all prefill-shaped makes
-``8 * num_layers`` LoRA launches, a step mixing both ``16 * num_layers``, whatever the number of
-adapters. Program ``(tile, module[, column block])`` reads its tile's adapter block (see
-kernels/lora_meta.py), and exits at once if the adapter lacks that (layer, module) or the tile is
-padding. Each adapter is computed at its own rank (the loops over rank rows stop at its rank).
+launch covering every adapter of the step, instead of one shrink, one expand and one zero-fill per
+(layer, module): ``8 * num_layers`` LoRA launches per step, whatever the number of adapters and the
+mix of decode and prefill. Program ``(tile, module[, column block])`` reads its tile's adapter
+block (see kernels/lora_meta.py) and exits at once if the adapter lacks that (layer, module) or the
+tile is padding. Each adapter is computed at its own rank (the loops over rank rows stop at it).
+A program picks its tile shape from its row count: a decode-shaped tile (1-4 rows of one segment)
+multiplies and sums in fp32 without ``tl.dot`` (BGMV-like); a prefill-shaped tile (16 rows) uses
+``tl.dot`` (SGMV). Both shapes are compiled into each kernel, so a mixed step needs no second launch.
 
 Semantics (kernels.lora.lora_group_ref): for module ``m`` of the group and token ``t`` of adapter ``a``::
 
@@ -14,9 +16,8 @@ Semantics (kernels.lora.lora_group_ref): for module ``m`` of the group and token
     expand:  y[t, cols_m + n] += scale_{a,m} * sum_j v[t, m * R + j] * B^T_{a,m}[j, n]
 
 ``v`` is an fp32 scratch owned by the backend (``R``: the step's largest rank); ``y`` is read and
-written once per element in fp32 and rounded once. The decode-shaped variant (tiles of 1-4 rows)
-multiplies and sums in fp32 without ``tl.dot``; the prefill-shaped one uses ``tl.dot`` on 16-row
-tiles (fp32 operands in IEEE precision, to match the fp32 reference; bf16/fp16 operands natively).
+written once per element in fp32 and rounded once. ``tl.dot`` takes fp32 operands in IEEE
+precision (to match the fp32 reference) and bf16/fp16 operands natively.
 
 This is the only LoRA module that imports triton; ``kernels.backend`` imports it lazily.
 """
@@ -32,8 +33,8 @@ import triton
 import triton.language as tl
 
 from kernels.lora import LoraSegments
-from kernels.lora_backend import LoraBackend, LoraStep
-from kernels.lora_meta import SGMV_BLOCK_M, AdapterBlock, TileSet, adapter_block, plan_tiles
+from kernels.lora_backend import NO_LORA, LoraBackend, LoraStep
+from kernels.lora_meta import SGMV_BLOCK_M, AdapterBlock, Tiles, adapter_block, plan_tiles
 from kernels.lora_pages import AdapterWeights, adapter_matrices
 from kernels.page_writer import PageWriter
 from kernels.step_buffer import StepPack
@@ -41,6 +42,7 @@ from server.model_config import LORA_MODULES, LoraGroup
 from server.page_layout import AdapterPageTable, PageLayout
 
 MAX_GROUP = 3  # modules per group (q/k/v); v holds MAX_GROUP * R columns
+BLOCK_N = 64  # output columns per expand program
 # Triton 3.9's interpreter returns garbage from tl.dot on bf16 operands (fp16/fp32 are fine), so under
 # the interpreter the prefill kernels' dot operands are upcast to fp32 first; compiled kernels keep the
 # native dot. The decode kernels use no tl.dot and run the GPU code path everywhere.
@@ -48,24 +50,15 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _shrink_kernel(
-    x_ptr, arena_ptr, v_ptr, tiles_ptr, desc_ptr,
-    layer, K, page_elems, stride_xm, stride_xk, stride_vm, v_mod,
-    NUM_MODULES: tl.constexpr, FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+def _shrink_tile(
+    x_ptr, arena_ptr, v_ptr, desc_ptr, a_list, rank, row0, row_end, v_col, K, page_elems,
+    stride_xm, stride_xk, stride_vm,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
-    m = tl.program_id(1)
-    base = tl.load(tiles_ptr + tile * 3 + 2)
-    if base < 0:
-        return
-    hdr = base + (layer * NUM_MODULES + FIRST + m) * 4
-    rank = tl.load(desc_ptr + hdr)
-    if rank == 0:
-        return
-    a_list = base + tl.load(desc_ptr + hdr + 2)
-    offs_m = tl.load(tiles_ptr + tile * 3) + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < tl.load(tiles_ptr + tile * 3 + 1)
+    """``v[t, v_col + j] = x[t] @ A[j]`` for the tile's rows and ``j < rank``."""
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < row_end
     rpp = page_elems // K
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -86,24 +79,20 @@ def _shrink_kernel(
                 acc += tl.dot(xt, at, input_precision=PRECISION)
             else:
                 acc += tl.sum(xt.to(tl.float32)[:, :, None] * at.to(tl.float32)[None, :, :], axis=1)
-        v_ptrs = v_ptr + offs_m[:, None] * stride_vm + (m * v_mod + offs_r)[None, :]
+        v_ptrs = v_ptr + offs_m[:, None] * stride_vm + (v_col + offs_r)[None, :]
         tl.store(v_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit
-def _expand_kernel(
-    v_ptr, arena_ptr, y_ptr, tiles_ptr, desc_ptr, scale_ptr,
-    layer, page_elems, stride_vm, v_mod, stride_ym, stride_yn, W0, W1, W2,
-    NUM_MODULES: tl.constexpr, FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+def _shrink_kernel(
+    x_ptr, arena_ptr, v_ptr, tiles_ptr, desc_ptr,
+    layer, K, page_elems, stride_xm, stride_xk, stride_vm, v_mod,
+    NUM_MODULES: tl.constexpr, FIRST: tl.constexpr, SHORT_M: tl.constexpr, LONG_M: tl.constexpr,
+    BLOCK_R_SHORT: tl.constexpr, BLOCK_R_LONG: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     m = tl.program_id(1)
-    width = tl.where(m == 0, W0, tl.where(m == 1, W1, W2))
-    col = tl.where(m == 0, 0, tl.where(m == 1, W0, W0 + W1))
-    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if tl.program_id(2) * BLOCK_N >= width:
-        return
     base = tl.load(tiles_ptr + tile * 3 + 2)
     if base < 0:
         return
@@ -111,16 +100,37 @@ def _expand_kernel(
     rank = tl.load(desc_ptr + hdr)
     if rank == 0:
         return
-    b_list = base + tl.load(desc_ptr + hdr + 3)
-    offs_m = tl.load(tiles_ptr + tile * 3) + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < tl.load(tiles_ptr + tile * 3 + 1)
+    a_list = base + tl.load(desc_ptr + hdr + 2)
+    row0 = tl.load(tiles_ptr + tile * 3)
+    row_end = tl.load(tiles_ptr + tile * 3 + 1)
+    if row_end - row0 <= SHORT_M:  # decode-shaped: a few rows, fp32 multiply-sum
+        _shrink_tile(x_ptr, arena_ptr, v_ptr, desc_ptr, a_list, rank, row0, row_end, m * v_mod, K,
+                     page_elems, stride_xm, stride_xk, stride_vm,
+                     SHORT_M, BLOCK_R_SHORT, BLOCK_K, False, False, PRECISION)
+    else:  # prefill-shaped: 16-row tiles through tl.dot
+        _shrink_tile(x_ptr, arena_ptr, v_ptr, desc_ptr, a_list, rank, row0, row_end, m * v_mod, K,
+                     page_elems, stride_xm, stride_xk, stride_vm,
+                     LONG_M, BLOCK_R_LONG, BLOCK_K, True, UPCAST, PRECISION)
+
+
+@triton.jit
+def _expand_tile(
+    v_ptr, arena_ptr, y_ptr, desc_ptr, b_list, rank, scale, row0, row_end, v_col, col, width, n0,
+    page_elems, stride_vm, stride_ym, stride_yn,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``y[t, col + n] += scale * sum_j v[t, v_col + j] * B^T[j, n]``: the tile's rows, one column block."""
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < row_end
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < width
     rpp = page_elems // width
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
-        vt = tl.load(v_ptr + offs_m[:, None] * stride_vm + (m * v_mod + offs_r)[None, :],
+        vt = tl.load(v_ptr + offs_m[:, None] * stride_vm + (v_col + offs_r)[None, :],
                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         pages = tl.load(desc_ptr + b_list + offs_r // rpp, mask=r_mask, other=0)
         row_base = pages.to(tl.int64) * page_elems + (offs_r % rpp) * width
@@ -133,11 +143,46 @@ def _expand_kernel(
                 acc += tl.dot(vt.to(bt.dtype), bt, input_precision=PRECISION)
         else:
             acc += tl.sum(vt[:, :, None] * bt.to(tl.float32)[None, :, :], axis=1)
-    scale = tl.load(scale_ptr + hdr + 1)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + (col + offs_n)[None, :] * stride_yn
     mask = m_mask[:, None] & n_mask[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptrs, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _expand_kernel(
+    v_ptr, arena_ptr, y_ptr, tiles_ptr, desc_ptr, scale_ptr,
+    layer, page_elems, stride_vm, v_mod, stride_ym, stride_yn, W0, W1, W2,
+    NUM_MODULES: tl.constexpr, FIRST: tl.constexpr, SHORT_M: tl.constexpr, LONG_M: tl.constexpr,
+    BLOCK_R_SHORT: tl.constexpr, BLOCK_R_LONG: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    m = tl.program_id(1)
+    n0 = tl.program_id(2) * BLOCK_N
+    width = tl.where(m == 0, W0, tl.where(m == 1, W1, W2))
+    if n0 >= width:
+        return
+    base = tl.load(tiles_ptr + tile * 3 + 2)
+    if base < 0:
+        return
+    hdr = base + (layer * NUM_MODULES + FIRST + m) * 4
+    rank = tl.load(desc_ptr + hdr)
+    if rank == 0:
+        return
+    b_list = base + tl.load(desc_ptr + hdr + 3)
+    scale = tl.load(scale_ptr + hdr + 1)
+    col = tl.where(m == 0, 0, tl.where(m == 1, W0, W0 + W1))
+    row0 = tl.load(tiles_ptr + tile * 3)
+    row_end = tl.load(tiles_ptr + tile * 3 + 1)
+    if row_end - row0 <= SHORT_M:
+        _expand_tile(v_ptr, arena_ptr, y_ptr, desc_ptr, b_list, rank, scale, row0, row_end, m * v_mod, col,
+                     width, n0, page_elems, stride_vm, stride_ym, stride_yn,
+                     SHORT_M, BLOCK_R_SHORT, BLOCK_N, False, False, PRECISION)
+    else:
+        _expand_tile(v_ptr, arena_ptr, y_ptr, desc_ptr, b_list, rank, scale, row0, row_end, m * v_mod, col,
+                     width, n0, page_elems, stride_vm, stride_ym, stride_yn,
+                     LONG_M, BLOCK_R_LONG, BLOCK_N, True, UPCAST, PRECISION)
 
 
 def _block(n: int, lo: int, hi: int) -> int:
@@ -145,39 +190,33 @@ def _block(n: int, lo: int, hi: int) -> int:
 
 
 class TritonLoraStep(LoraStep):
-    def __init__(self, backend: TritonLoraBackend, sets: list[TileSet], v: torch.Tensor,
-                 max_rank: int) -> None:
+    def __init__(self, backend: TritonLoraBackend, tiles: Tiles, v: torch.Tensor, max_rank: int) -> None:
         self.backend = backend
-        self.sets = sets
+        self.short_m = tiles.short_m
+        self.num_tiles = tiles.items.shape[0]
         self.v = v  # [T, MAX_GROUP * max_rank] fp32 scratch
         self.max_rank = max_rank
-        self.tiles: list[torch.Tensor] = []
 
     def bind(self, views: Mapping[str, torch.Tensor]) -> None:
         self.desc = views["lora_desc"]
         self.scales = self.desc.view(torch.float32)  # the same words, read as the scales they hold
-        self.tiles = [views[f"lora_tiles_{s.block_m}"] for s in self.sets]
+        self.tiles = views["lora_tiles"]
 
     def apply(self, layer: int, group: LoraGroup, x: torch.Tensor, y: torch.Tensor) -> None:
-        arena, v = self.backend.arena, self.v
+        arena, v, rank = self.backend.arena, self.v, self.max_rank
         n_mod = len(group.modules)
-        w = (*group.widths, 0, 0)[:MAX_GROUP]
-        page_elems = arena.shape[1]
-        fp32 = x.dtype == torch.float32
-        for ts, tiles in zip(self.sets, self.tiles, strict=True):
-            dot = ts.block_m >= SGMV_BLOCK_M
-            upcast = dot and _INTERPRET and x.dtype == torch.bfloat16
-            opts = dict(NUM_MODULES=len(LORA_MODULES), FIRST=group.first, BLOCK_M=ts.block_m, USE_DOT=dot,
-                        UPCAST=upcast, PRECISION="ieee" if fp32 or upcast else "tf32")
-            _shrink_kernel[(tiles.shape[0], n_mod)](
-                x, arena, v, tiles, self.desc, layer, group.in_features, page_elems, x.stride(0), x.stride(1),
-                v.stride(0), self.max_rank, BLOCK_R=_block(self.max_rank, 16, 64 if dot else 16),
-                BLOCK_K=_block(group.in_features, 16, 64), **opts)
-            grid = (tiles.shape[0], n_mod, triton.cdiv(max(group.widths), 64))
-            _expand_kernel[grid](
-                v, arena, y, tiles, self.desc, self.scales, layer, page_elems, v.stride(0), self.max_rank,
-                y.stride(0), y.stride(1), *w, BLOCK_R=_block(self.max_rank, 16, 32 if dot else 16),
-                BLOCK_N=64, **opts)
+        upcast = _INTERPRET and x.dtype == torch.bfloat16
+        opts = dict(NUM_MODULES=len(LORA_MODULES), FIRST=group.first, SHORT_M=self.short_m,
+                    LONG_M=SGMV_BLOCK_M, UPCAST=upcast,
+                    PRECISION="ieee" if x.dtype == torch.float32 or upcast else "tf32")
+        _shrink_kernel[(self.num_tiles, n_mod)](
+            x, arena, v, self.tiles, self.desc, layer, group.in_features, arena.shape[1], x.stride(0),
+            x.stride(1), v.stride(0), rank, BLOCK_R_SHORT=16, BLOCK_R_LONG=_block(rank, 16, 64),
+            BLOCK_K=_block(group.in_features, 16, 64), **opts)
+        _expand_kernel[(self.num_tiles, n_mod, triton.cdiv(max(group.widths), BLOCK_N))](
+            v, arena, y, self.tiles, self.desc, self.scales, layer, arena.shape[1], v.stride(0), rank,
+            y.stride(0), y.stride(1), *(*group.widths, 0, 0)[:MAX_GROUP], BLOCK_R_SHORT=16,
+            BLOCK_R_LONG=_block(rank, 16, 32), BLOCK_N=BLOCK_N, **opts)
 
 
 class TritonLoraBackend(LoraBackend):
@@ -219,10 +258,11 @@ class TritonLoraBackend(LoraBackend):
         self.writer.ready(a.uid for a in adapters)
         blocks = [self._block(a) for a in adapters]
         bases = np.cumsum([0] + [b.data.size for b in blocks[:-1]]).tolist()
-        pack.add("lora_desc", np.concatenate([b.data for b in blocks]) if blocks else np.zeros(1))
-        sets = plan_tiles(segments.seg_starts, segments.seg_slots, bases)
-        for ts in sets:
-            pack.add(f"lora_tiles_{ts.block_m}", ts.tiles)
-        max_rank = max((b.max_rank for b in blocks), default=1) or 1
-        v = self._scratch(max(segments.num_tokens, 1), MAX_GROUP * max_rank)
-        return TritonLoraStep(self, sets, v, max_rank)
+        tiles = plan_tiles(segments.seg_starts, segments.seg_slots, bases)
+        if tiles is None:
+            return NO_LORA
+        pack.add("lora_desc", np.concatenate([b.data for b in blocks]))
+        pack.add("lora_tiles", tiles.items)
+        max_rank = max(b.max_rank for b in blocks) or 1
+        v = self._scratch(segments.num_tokens, MAX_GROUP * max_rank)
+        return TritonLoraStep(self, tiles, v, max_rank)

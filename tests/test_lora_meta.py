@@ -8,19 +8,19 @@ from server.page_layout import AdapterPageTable, LoraMatrixPages
 
 
 def test_decode_steps_get_one_row_tiles_padded_to_a_power_of_two() -> None:
-    (ts,) = plan_tiles([0, 1, 2, 3, 4, 5, 6], [0, -1, 1, 0, 2, 1], [0, 100, 200])
-    assert ts.block_m == 1
-    assert ts.tiles.tolist() == [[0, 1, 0], [2, 3, 100], [3, 4, 0], [4, 5, 200], [5, 6, 100],
-                                 [0, 0, -1], [0, 0, -1], [0, 0, -1]]
+    tiles = plan_tiles([0, 1, 2, 3, 4, 5, 6], [0, -1, 1, 0, 2, 1], [0, 100, 200])
+    assert tiles.short_m == 1
+    assert tiles.items.tolist() == [[0, 1, 0], [2, 3, 100], [3, 4, 0], [4, 5, 200], [5, 6, 100],
+                                    [0, 0, -1], [0, 0, -1], [0, 0, -1]]
 
 
-def test_short_and_long_segments_get_their_own_tile_sets() -> None:
-    # segments: 3 tokens of slot 1, an empty one, 35 tokens of slot 0, 2 tokens without adapter
-    short, long = plan_tiles([0, 3, 3, 38, 40], [1, 0, 0, -1], [0, 50])
-    assert short.block_m == 4 and short.tiles.tolist() == [[0, 3, 50]]
-    assert long.block_m == 16
-    assert long.tiles.tolist() == [[3, 38, 0], [19, 38, 0], [35, 38, 0], [0, 0, -1]]
-    assert plan_tiles([0, 2, 4], [-1, -1], []) == []
+def test_short_and_long_segments_share_one_list() -> None:
+    # segments: 3 tokens of slot 1, an empty one, 35 tokens of slot 0, 2 tokens without adapter.
+    # The long segment's last tile has 3 rows: <= short_m, so it runs as a short tile (same result).
+    tiles = plan_tiles([0, 3, 3, 38, 40], [1, 0, 0, -1], [0, 50])
+    assert tiles.short_m == 4
+    assert tiles.items.tolist() == [[0, 3, 50], [3, 38, 0], [19, 38, 0], [35, 38, 0]]
+    assert plan_tiles([0, 2, 4], [-1, -1], []) is None
 
 
 def test_adapter_block_words() -> None:
