@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from adapter_store.peft_config import MODULE_PARENTS
 from adapter_store.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from adapter_store.store import META_NAME, StoredAdapterMeta
 from benchmarks.workload import AdapterSpec
@@ -29,8 +30,6 @@ from server.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 _POOL_ELEMS = 1 << 22
 B_STD = 0.02  # lora_B scale: visibly changes outputs while keeping logits sane (alpha / r = 2)
 
@@ -54,7 +53,7 @@ def _tensors(spec: AdapterSpec, cfg: ModelConfig, pool: torch.Tensor, offset: in
     for layer in range(cfg.num_layers):
         for mod in spec.targets:
             k, n = shapes[mod]
-            prefix = f"base_model.model.model.layers.{layer}.{_PARENT[mod]}.{mod}"
+            prefix = f"base_model.model.model.layers.{layer}.{MODULE_PARENTS[mod]}.{mod}"
             parts = (("lora_A", (spec.rank, k), k**-0.5), ("lora_B", (n, spec.rank), B_STD))
             for name, shape, std in parts:
                 numel = shape[0] * shape[1]

@@ -108,8 +108,7 @@ class NativeStep(LoraStep):
 
     def apply(self, layer: int, group: LoraGroup, x: torch.Tensor, y: torch.Tensor) -> None:
         """``y[t, cols_m] += scale * (x[t] @ A_m.T) @ B_m.T`` for each module of the group, every token."""
-        arena = self.backend.arena
-        lib = library()
+        arena, lib = self.backend.arena, self.backend.lib
         if x.dtype != arena.dtype or y.dtype != arena.dtype or x.stride(1) != 1 or y.stride(1) != 1:
             raise ValueError("x and y need the arena's dtype and unit column stride")
         if x.shape[0] != self.num_tokens or y.shape[0] != x.shape[0]:
@@ -134,8 +133,10 @@ class NativeLoraBackend(LoraBackend):
         super().__init__(arena, layout)
         if arena.device.type != "cpu" or arena.dtype not in NATIVE_DTYPES or not arena.is_contiguous():
             raise ValueError(f"the native LoRA kernel needs a contiguous CPU arena in {NATIVE_DTYPES}")
-        if library() is None:
+        lib = library()
+        if lib is None:
             raise ValueError("the native LoRA kernel could not be built (see the log)")
+        self.lib = lib
         self._rows: dict[int, AdapterRows] = {}
         self._groups: dict[LoraGroup, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 

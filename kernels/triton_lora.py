@@ -84,6 +84,19 @@ def _shrink_tile(
 
 
 @triton.jit
+def _tile_header(tiles_ptr, desc_ptr, layer, module, NUM_MODULES: tl.constexpr):
+    """This program's tile: ``(first row, end row, adapter block start, header word, rank)``.
+
+    ``rank`` is 0 when there is nothing to do: a padding tile, or an adapter without (layer, module).
+    """
+    tile = tl.program_id(0)
+    base = tl.load(tiles_ptr + tile * 3 + 2)
+    hdr = base + (layer * NUM_MODULES + module) * 4
+    rank = tl.load(desc_ptr + hdr, mask=base >= 0, other=0)
+    return tl.load(tiles_ptr + tile * 3), tl.load(tiles_ptr + tile * 3 + 1), base, hdr, rank
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr, arena_ptr, v_ptr, tiles_ptr, desc_ptr,
     layer, K, page_elems, stride_xm, stride_xk, stride_vm, v_mod,
@@ -91,18 +104,11 @@ def _shrink_kernel(
     BLOCK_R_SHORT: tl.constexpr, BLOCK_R_LONG: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
     m = tl.program_id(1)
-    base = tl.load(tiles_ptr + tile * 3 + 2)
-    if base < 0:
-        return
-    hdr = base + (layer * NUM_MODULES + FIRST + m) * 4
-    rank = tl.load(desc_ptr + hdr)
+    row0, row_end, base, hdr, rank = _tile_header(tiles_ptr, desc_ptr, layer, FIRST + m, NUM_MODULES)
     if rank == 0:
         return
     a_list = base + tl.load(desc_ptr + hdr + 2)
-    row0 = tl.load(tiles_ptr + tile * 3)
-    row_end = tl.load(tiles_ptr + tile * 3 + 1)
     if row_end - row0 <= SHORT_M:  # decode-shaped: a few rows, fp32 multiply-sum
         _shrink_tile(x_ptr, arena_ptr, v_ptr, desc_ptr, a_list, rank, row0, row_end, m * v_mod, K,
                      page_elems, stride_xm, stride_xk, stride_vm,
@@ -157,24 +163,15 @@ def _expand_kernel(
     BLOCK_R_SHORT: tl.constexpr, BLOCK_R_LONG: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
     m = tl.program_id(1)
     n0 = tl.program_id(2) * BLOCK_N
     width = tl.where(m == 0, W0, tl.where(m == 1, W1, W2))
-    if n0 >= width:
-        return
-    base = tl.load(tiles_ptr + tile * 3 + 2)
-    if base < 0:
-        return
-    hdr = base + (layer * NUM_MODULES + FIRST + m) * 4
-    rank = tl.load(desc_ptr + hdr)
-    if rank == 0:
+    row0, row_end, base, hdr, rank = _tile_header(tiles_ptr, desc_ptr, layer, FIRST + m, NUM_MODULES)
+    if (rank == 0) | (n0 >= width):
         return
     b_list = base + tl.load(desc_ptr + hdr + 3)
     scale = tl.load(scale_ptr + hdr + 1)
     col = tl.where(m == 0, 0, tl.where(m == 1, W0, W0 + W1))
-    row0 = tl.load(tiles_ptr + tile * 3)
-    row_end = tl.load(tiles_ptr + tile * 3 + 1)
     if row_end - row0 <= SHORT_M:
         _expand_tile(v_ptr, arena_ptr, y_ptr, desc_ptr, b_list, rank, scale, row0, row_end, m * v_mod, col,
                      width, n0, page_elems, stride_vm, stride_ym, stride_yn,

@@ -1,4 +1,4 @@
-"""The torch LoRA reference ops and LoraBatch against a dense computation from the original A/B."""
+"""The torch LoRA reference ops and the group reference against a dense computation from the original A/B."""
 
 from __future__ import annotations
 
