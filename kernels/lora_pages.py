@@ -69,9 +69,8 @@ def pack_pages(matrices: Sequence[tuple[torch.Tensor, tuple[int, ...]]], page_el
     """Lay matrices' rows out as the contents of their pages, in ``out [n_pages, page_elems]``.
 
     Returns the page ids in order: ``out[i]`` is what page ``ids[i]`` must hold (rows as in
-    ``write_matrix_rows``; the unused tail of a page is left as ``out`` had it: no reader looks past
-    a matrix's ``rank`` rows). Two copies per matrix, whatever its rank: full pages as one block,
-    then the last partial page.
+    ``write_matrix_rows``; the unused tail of a page is left as ``out`` had it). Two copies per
+    matrix, whatever its rank: full pages as one block, then the last partial page.
     """
     ids: list[int] = []
     for rows, pages in matrices:

@@ -41,8 +41,9 @@ class PageWriter:
         arena = self.arena
         num_pages = sum(-(-rows.shape[0] // max(1, self.page_elems // rows.shape[1])) for rows, _ in matrices)
         data_bytes = num_pages * self.page_elems * arena.element_size()
-        # Not zeroed: a page's tail past its rows is never read (kernels stop at each matrix's rank).
-        host = torch.empty(data_bytes + 8 * num_pages, dtype=torch.uint8, pin_memory=self._cuda)
+        # Zeroed, so a page's tail past its rows is finite: the pages become KV blocks again later,
+        # and the reference attention reads whole blocks (masking, not skipping, unused slots).
+        host = torch.zeros(data_bytes + 8 * num_pages, dtype=torch.uint8, pin_memory=self._cuda)
         data, index = _split(host, data_bytes, arena.dtype, self.page_elems)
         ids = pack_pages(matrices, self.page_elems, data)
         if ids and (min(ids) < 0 or max(ids) >= arena.shape[0]):

@@ -97,7 +97,9 @@ def _table(uid: int, alloc: PageAlloc) -> AdapterPageTable:
 @pytest.mark.parametrize("name", BACKENDS)
 def test_write_adapter_and_reuse_of_pages_after_drop(name: str, dtype: torch.dtype) -> None:
     """Rows land in their pages (A as is, B transposed; weights cast to the arena's dtype) and nothing
-    else changes; after ``drop_adapter`` the same pages hold a new adapter and steps see only it."""
+    else changes (page tails stay finite: the pages hold KV blocks again later, and the reference
+    attention reads whole blocks); after ``drop_adapter`` the same pages hold a new adapter and
+    steps see only it."""
     arena = torch.full((64, LAYOUT.page_elems), 7.0, dtype=dtype, device=DEVICE)
     backend = make_backend(name, arena)
     old = _table(1, PageAlloc(64, seed=1))
@@ -109,6 +111,11 @@ def test_write_adapter_and_reuse_of_pages_after_drop(name: str, dtype: torch.dty
             assert torch.equal(read_matrix_rows(arena, m.a_pages, m.rank, m.in_features).cpu(), w.a.to(dtype))
             assert torch.equal(read_matrix_rows(arena, m.b_pages, m.rank, m.out_features).cpu(),
                                w.b.t().to(dtype))
+        for m in table.modules.values():  # page tails past the rows: zeroed or untouched, never garbage
+            for pages, row_len in ((m.a_pages, m.in_features), (m.b_pages, m.out_features)):
+                rpp = LAYOUT.page_elems // row_len
+                tail = arena[pages[-1], (m.rank - (len(pages) - 1) * rpp) * row_len :].cpu()
+                assert bool(((tail == 0) | (tail == 7)).all())
         used = {p for m in table.modules.values() for p in (*m.a_pages, *m.b_pages)}
         untouched = [p for p in range(64) if p not in used]
         assert bool((arena[untouched] == 7.0).all())
