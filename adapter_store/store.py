@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -27,12 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from adapter_store.peft_format import CONFIG_NAME, WEIGHTS_NAME, check_adapter_files
+from adapter_store.tenancy import ADAPTER_ID_PATTERN, is_valid_stored_id, tenant_of
 from server.errors import AdapterExists, InvalidAdapter, InvalidRequest, PayloadTooLarge, UnknownAdapter
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-_ID_RE = re.compile(ADAPTER_ID_PATTERN)
 META_NAME = "meta.json"
 STORED_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")  # anything else in an upload is ignored
 _STAGING, _OLD, _DELETED = ".staging-", ".old-", ".deleted-"
@@ -40,8 +38,10 @@ _CHUNK = 1 << 20
 
 
 def validate_adapter_id(adapter_id: str) -> str:
-    """Return ``adapter_id`` if it is safe as a directory name, else raise InvalidRequest."""
-    if not isinstance(adapter_id, str) or not _ID_RE.fullmatch(adapter_id) or ".." in adapter_id:
+    """Return ``adapter_id`` if it is safe as a directory name, else raise InvalidRequest.
+
+    A tenant's adapter is stored as ``tenant:name`` (adapter_store/tenancy.py)."""
+    if not is_valid_stored_id(adapter_id):
         raise InvalidRequest(
             f"invalid adapter id {adapter_id!r}: must match {ADAPTER_ID_PATTERN} and not contain '..'",
             param="adapter_id",
@@ -57,6 +57,7 @@ class StoredAdapterMeta:
     checksum: str  # sha256 hex of adapter_model.safetensors
     size_bytes: int  # all stored adapter files, meta.json excluded
     created_at: float  # unix time of the put that wrote this version
+    tenant: str | None = None  # the owner (the ``tenant:`` part of the id); None: no owner
 
 
 class AdapterStore:
@@ -108,7 +109,7 @@ class AdapterStore:
     def get_path(self, adapter_id: str) -> Path:
         """Directory of a stored adapter (a PEFT dir); UnknownAdapter if absent."""
         if not self.exists(adapter_id):
-            raise UnknownAdapter(adapter_id, known=[m.adapter_id for m in self.list()])
+            raise UnknownAdapter(adapter_id)
         return self.root / adapter_id
 
     def get_meta(self, adapter_id: str) -> StoredAdapterMeta:
@@ -118,7 +119,7 @@ class AdapterStore:
         """All visible adapters, sorted by id. Unreadable entries are logged and skipped."""
         out = []
         for child in sorted(self.root.iterdir()):
-            if child.name.startswith(".") or not _ID_RE.fullmatch(child.name):
+            if child.name.startswith(".") or not is_valid_stored_id(child.name):
                 continue
             try:
                 out.append(_read_meta(child / META_NAME))
@@ -165,7 +166,8 @@ class AdapterStore:
         for name in sizes:
             data = source[name] if isinstance(source, Mapping) else source / name
             _write_file(staging / name, data)
-        meta = StoredAdapterMeta(adapter_id, _sha256_file(staging / WEIGHTS_NAME), size, time.time())
+        meta = StoredAdapterMeta(adapter_id, _sha256_file(staging / WEIGHTS_NAME), size, time.time(),
+                                 tenant_of(adapter_id))
         _write_file(staging / META_NAME, json.dumps(asdict(meta), indent=2).encode())
         _fsync_dir(staging)
         return meta
@@ -218,6 +220,7 @@ def _read_meta(path: Path) -> StoredAdapterMeta:
         checksum=str(d["checksum"]),
         size_bytes=int(d["size_bytes"]),
         created_at=float(d["created_at"]),
+        tenant=d.get("tenant"),
     )
 
 

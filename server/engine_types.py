@@ -28,6 +28,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     logprobs: tuple[TokenLogprob, ...] = ()
+    error: Exception | None = None  # set on a request the engine ended for a fault (finish_reason "abort")
 
 
 @dataclass(frozen=True)

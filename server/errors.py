@@ -9,6 +9,7 @@ class ServerError(Exception):
     status: int = 500
     code: str = "internal_error"
     type: str = "server_error"
+    retry_after: int | None = None  # seconds; sent as the Retry-After header when set
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -28,13 +29,23 @@ class Unauthorized(ServerError):
     status, code, type = 401, "invalid_api_key", "authentication_error"
 
 
+class PermissionDenied(ServerError):
+    """A valid key that may not do this (an inference key on an admin route)."""
+
+    status, code, type = 403, "permission_denied", "permission_error"
+
+
 class UnknownAdapter(ServerError):
+    """The message names only the id asked for: never other adapters (they may be other tenants'),
+    and a tenant's 404 for another tenant's adapter is this same answer. ``known`` (what the caller
+    had, for in-process callers and logs) never reaches a client."""
+
     status, code, type = 404, "adapter_not_found", "not_found_error"
 
     def __init__(self, adapter_id: str, known: list[str] | None = None) -> None:
-        hint = f"; known adapters: {', '.join(sorted(known)[:20])}" if known else ""
-        super().__init__(f"adapter {adapter_id!r} does not exist{hint}", param="adapter_id")
+        super().__init__(f"adapter {adapter_id!r} does not exist", param="adapter_id")
         self.adapter_id = adapter_id
+        self.known = known
 
 
 class AdapterExists(ServerError):
@@ -48,8 +59,18 @@ class AdapterExists(ServerError):
         self.adapter_id = adapter_id
 
 
+class RequestTimeout(ServerError):
+    """The request body did not arrive within the read timeout (slow or stalled client)."""
+
+    status, code, type = 408, "request_timeout", "invalid_request_error"
+
+
 class PayloadTooLarge(ServerError):
     status, code, type = 413, "payload_too_large", "invalid_request_error"
+
+
+class HeadersTooLarge(ServerError):
+    status, code, type = 431, "headers_too_large", "invalid_request_error"
 
 
 class InvalidAdapter(ServerError):
@@ -70,9 +91,39 @@ class AdapterTooLarge(InvalidAdapter):
     code = "adapter_too_large"
 
 
+class TooManyRequests(ServerError):
+    """A tenant's limit on concurrent requests is reached; retry after ``retry_after`` seconds."""
+
+    status, code, type = 429, "rate_limit_exceeded", "rate_limit_error"
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = retry_after
+
+
+class QuotaExceeded(ServerError):
+    """A tenant's stored adapters or bytes would go over its quota. No Retry-After: waiting does
+    not help, deleting adapters does."""
+
+    status, code, type = 429, "quota_exceeded", "rate_limit_error"
+
+
 class Overloaded(ServerError):
     status, code, type = 503, "overloaded", "server_error"
 
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
+        self.retry_after = retry_after
+
+
+class AdapterUnavailable(ServerError):
+    """A stored adapter could not be read (disk error, file gone): its requests fail with this,
+    every other request carries on. 503: another replica, or a later try, may read it."""
+
+    status, code, type = 503, "adapter_unavailable", "server_error"
+
+    def __init__(self, adapter_id: str, retry_after: int = 5) -> None:
+        super().__init__(f"adapter {adapter_id!r} could not be read from the adapter store; the cause "
+                         "is in the server log", param="adapter_id")
+        self.adapter_id = adapter_id
         self.retry_after = retry_after

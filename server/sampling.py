@@ -195,7 +195,7 @@ def _draw_filtered(x: Tensor, params: list[SamplingParams], u: Tensor) -> Tensor
     """Token ids ``[N]`` drawn from ``x: [N, V]`` (temperature-scaled) restricted by top-k/top-p."""
     vocab, device = x.shape[-1], x.device
     # Off is k = V and p = 2; p = 1 could drop tail tokens when the float cumsum rounds to 1.
-    ks = [p.top_k if p.top_k > 0 else vocab for p in params]
+    ks = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]  # top_k may exceed int64
     values, ids = sorted_candidates(x, max(ks))
     top_k = torch.tensor(ks, device=device)
     top_p = torch.tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], device=device)

@@ -76,16 +76,29 @@ class ServerSettings(BaseSettings):
     )
     api_key: SecretStr | None = Field(
         None,
-        description="If set, inference endpoints require 'Authorization: Bearer <api_key>'. "
-        "Off by default; set it whenever the server listens beyond loopback.",
+        description="If set, every endpoint but /health, /ready and /metrics requires "
+        "'Authorization: Bearer <key>' with a known key; this one may use every adapter. Off by "
+        "default; set keys whenever the server listens beyond loopback.",
     )
     admin_key: SecretStr | None = Field(
         None,
-        description="If set, adapter upload and delete require 'Authorization: Bearer <admin_key>'. "
-        "Unset: they require api_key when that is set, and nothing otherwise.",
+        description="A global admin key: may upload, replace and delete any adapter. Unset, with no "
+        "keys file: api_key may do that too.",
+    )
+    keys_file: Path | None = Field(
+        None,
+        description="JSON file of tenants: each tenant's inference and admin keys and limits (stored "
+        "adapters and bytes, concurrent requests), plus global keys. See docs/api.md.",
     )
     max_upload_bytes: ByteSize = Field(
         ByteSize(512 * MiB), gt=0, description="Largest adapter upload (whole multipart body) accepted."
+    )
+    max_request_bytes: ByteSize = Field(
+        ByteSize(16 * MiB), gt=0, description="Largest body of any other request (JSON); over it: 413."
+    )
+    request_read_timeout: float = Field(
+        120.0, gt=0, description="Seconds a request body (an upload included) may take to arrive; a "
+        "slower client gets 408 and its connection is closed.",
     )
     preload_adapters: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -51,8 +51,9 @@ def test_inference_needs_the_api_key(strict):
 def test_adapter_admin_needs_the_admin_key(strict):
     files = {"adapter_config.json": ("adapter_config.json", b"{}")}
     r = httpx.post(f"{strict.url}/v1/adapters", files=files, data={"adapter_id": "x"}, headers=USER)
-    assert r.status_code == 401 and "admin key" in r.json()["error"]["message"]
-    assert httpx.delete(f"{strict.url}/v1/adapters/x", headers=USER).status_code == 401
+    assert r.status_code == 403 and "admin key" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "permission_denied"
+    assert httpx.delete(f"{strict.url}/v1/adapters/x", headers=USER).status_code == 403
     assert httpx.delete(f"{strict.url}/v1/adapters/x", headers=ADMIN).status_code == 404
     assert httpx.get(f"{strict.url}/v1/adapters", headers=USER).status_code == 200
 

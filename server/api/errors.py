@@ -16,9 +16,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.errors import InvalidRequest, Overloaded, ServerError
+from server.errors import (
+    HeadersTooLarge,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServerError,
+)
 
 logger = logging.getLogger(__name__)
+BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's words when json.loads fails oddly
 
 
 class ClientDisconnected(ServerError):
@@ -59,11 +66,27 @@ def validation_error(exc: RequestValidationError) -> ServerError:
     return InvalidRequest(message, param=param)
 
 
+CLOSE_AFTER = (RequestTimeout, PayloadTooLarge, HeadersTooLarge)  # the rest of the request is unread
+
+
 def to_response(exc: ServerError) -> JSONResponse:
     headers = {}
-    if isinstance(exc, Overloaded):
+    if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, int(exc.retry_after)))
+    if isinstance(exc, CLOSE_AFTER):
+        headers["Connection"] = "close"
     return JSONResponse(server_error_body(exc), status_code=exc.status, headers=headers)
+
+
+def body_parse_error(cause: BaseException | None) -> ServerError:
+    """FastAPI's "There was an error parsing the body", with its cause spelled out."""
+    if isinstance(cause, RecursionError):
+        return InvalidRequest("request body nests too deeply (a JSON bomb?): the server refuses JSON "
+                              "nested more than a few hundred levels", param="body")
+    if isinstance(cause, UnicodeDecodeError):
+        return InvalidRequest(f"request body is not valid UTF-8: byte {cause.start} is invalid", param="body")
+    reason = f": {cause}" if cause is not None else ""
+    return InvalidRequest(f"request body could not be parsed as JSON{reason}", param="body")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -86,6 +109,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
+            return await _server_error(request, body_parse_error(exc.__cause__))
         code = "not_found" if exc.status_code == 404 else exc.status_code
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {exc.detail}"

@@ -15,10 +15,13 @@ from typing import Any
 import anyio
 from fastapi import Request
 
+from adapter_store.tenancy import split
 from server.api.errors import ClientDisconnected
-from server.api.metrics import ServerMetrics
+from server.api.guards import CLEANUPS
+from server.api.metrics import Labels, ServerMetrics
+from server.api.tenants import NO_TENANT, Principal
 from server.engine_types import RequestOutput
-from server.errors import ServerError, UnknownAdapter
+from server.errors import AdapterUnavailable, ServerError, UnknownAdapter
 from server.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -26,30 +29,30 @@ logger = logging.getLogger(__name__)
 _END = object()  # a choice's engine stream ended
 
 
-def resolve_adapter(engine: Any, model: str | None, adapter_id: str | None) -> str | None:
-    """The adapter a request asks for (None = base). ``adapter_id`` wins over ``model``; ``model`` may
-    be the base model's id, an adapter id, or absent. Anything unknown is a 404."""
+def resolve_adapter(engine: Any, principal: Principal, model: str | None,
+                    adapter_id: str | None) -> str | None:
+    """The stored id of the adapter a request asks for (None = base). ``adapter_id`` wins over
+    ``model``; ``model`` may be the base model's id, an adapter id, or absent. An adapter the caller
+    can't see (another tenant's) is answered exactly like one that does not exist: 404."""
     if adapter_id is not None:
-        _require_adapter(engine, adapter_id, param="adapter_id")
-        return adapter_id
+        return _require_adapter(engine, principal, adapter_id, param="adapter_id")
     if model is None or model == "" or model == engine.model_name:
         return None
-    _require_adapter(engine, model, param="model")
-    return model
+    return _require_adapter(engine, principal, model, param="model")
 
 
-def _require_adapter(engine: Any, adapter_id: str, param: str) -> None:
-    try:
-        if engine.get_adapter(adapter_id) is not None:
-            return
-    except UnknownAdapter:
-        pass
-    known = [a.adapter_id for a in engine.list_adapters()]
-    err = UnknownAdapter(adapter_id, known=known)
+def _require_adapter(engine: Any, principal: Principal, name: str, param: str) -> str:
+    # A ``model`` that can't be an adapter id (say ``org/model``) is just not a model we serve: 404.
+    stored = principal.stored_id(name) if param == "adapter_id" else principal.qualify(name)
+    if stored is not None:
+        try:
+            engine.get_adapter(stored)
+            return stored
+        except UnknownAdapter:
+            pass
+    err = UnknownAdapter(name)
     if param == "model":
-        hint = f"; known adapters: {', '.join(sorted(known)[:20])}" if known else ""
-        err.message = (f"model {adapter_id!r} is neither the base model {engine.model_name!r} "
-                       f"nor a known adapter{hint}")
+        err.message = f"model {name!r} is neither the base model {engine.model_name!r} nor an adapter"
     err.param = param
     raise err
 
@@ -71,29 +74,41 @@ class RequestContext:
     metrics: ServerMetrics
     endpoint: str
     request_id: str
-    adapter_id: str | None
-    label: str  # adapter id, or the base model's id: the ``adapter`` metrics label and ``model`` field
+    adapter_id: str | None  # the stored id (``tenant:name`` for a tenant's adapter), None = base
+    label: str  # the ``model`` field of responses: the adapter as the caller names it, or the base
+    labels: Labels  # (tenant, adapter) metrics labels
     created: int
 
     @classmethod
     def open(cls, request: Request, endpoint: str, prefix: str, model: str | None,
              adapter_id: str | None) -> RequestContext:
+        """Resolve the adapter and take one of the tenant's concurrent-request slots (429 if none is
+        free); the slot is given back when the response is over (``RequestGuard``'s clean-ups)."""
         state = request.app.state
+        principal: Principal = request.state.principal
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         request.state.request_id = request_id
-        resolved = resolve_adapter(state.engine, model, adapter_id)
-        label = resolved or state.engine.model_name
-        request.state.adapter_id, request.state.adapter_label = resolved, label
-        return cls(state.engine, state.metrics, endpoint, request_id, resolved, label, int(time.time()))
+        resolved = resolve_adapter(state.engine, principal, model, adapter_id)
+        label = principal.display(resolved) if resolved else state.engine.model_name
+        owner, name = split(resolved) if resolved else (principal.tenant, state.engine.model_name)
+        labels = metric_labels(owner, name)
+        request.state.adapter_id, request.state.labels = resolved, labels
+        getattr(request.state, CLEANUPS).append(state.request_gate.enter(principal))
+        return cls(state.engine, state.metrics, endpoint, request_id, resolved, label, labels,
+                   int(time.time()))
 
     def group(self, request: Request) -> GenerationGroup:
-        return GenerationGroup(self.engine, request, self.metrics, self.adapter_id, self.label)
+        return GenerationGroup(self.engine, request, self.metrics, self.adapter_id, self.labels, self.label)
 
     def done(self, request: Request, status: int) -> None:
         """Count the HTTP request once, whatever path it ended on."""
         if not getattr(request.state, "counted", False):
             request.state.counted = True
-            self.metrics.count_request(self.endpoint, self.label, status)
+            self.metrics.count_request(self.endpoint, self.labels, status)
+
+
+def metric_labels(tenant: str | None, adapter: str) -> Labels:
+    return (tenant or NO_TENANT, adapter)
 
 
 @dataclass
@@ -116,9 +131,9 @@ class GenerationGroup:
     """
 
     def __init__(self, engine: Any, request: Request, metrics: ServerMetrics, adapter_id: str | None,
-                 adapter_label: str) -> None:
+                 labels: Labels, shown_id: str) -> None:
         self._engine, self._request, self._metrics = engine, request, metrics
-        self.adapter_id, self._label = adapter_id, adapter_label
+        self.adapter_id, self._labels, self._shown_id = adapter_id, labels, shown_id
         self.choices: list[Choice] = []
         self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self._buffer: list[tuple[int, RequestOutput]] = []
@@ -165,13 +180,19 @@ class GenerationGroup:
             async for out in self._engine.generate(choice.prompt_ids, choice.params,
                                                    adapter_id=self.adapter_id, request_id=choice.request_id):
                 now = time.monotonic()
-                self._metrics.observe_tokens(self._label, choice.last is None, now - prev,
+                self._metrics.observe_tokens(self._labels, choice.last is None, now - prev,
                                              len(out.new_token_ids))
                 prev, choice.last = now, out
                 self._queue.put_nowait((choice.index, out))
                 if out.finished:
                     self._finish(choice)
                     break
+        except UnknownAdapter:  # deleted since it was resolved: the caller's own name for it, as ever
+            self._queue.put_nowait((choice.index, UnknownAdapter(self._shown_id)))
+            return
+        except AdapterUnavailable:
+            self._queue.put_nowait((choice.index, AdapterUnavailable(self._shown_id)))
+            return
         except ServerError as exc:  # delivered to the consumer, which maps it to an HTTP error
             self._queue.put_nowait((choice.index, exc))
             return
@@ -186,7 +207,7 @@ class GenerationGroup:
     def _finish(self, choice: Choice) -> None:
         out = choice.last
         if out is not None:
-            self._metrics.observe_finished(self._label, out.num_prompt_tokens, out.num_output_tokens,
+            self._metrics.observe_finished(self._labels, out.num_prompt_tokens, out.num_output_tokens,
                                            time.monotonic() - choice.submitted)
         logger.info("engine request finished: %s, %d tokens",
                     out.finish_reason if out else "no output", out.num_output_tokens if out else 0,

@@ -2,14 +2,16 @@
 from ``engine.stats()`` at scrape time.
 
 Each app gets its own ``CollectorRegistry`` so two servers in one process (tests) don't collide.
-The ``adapter`` label is the adapter id, or the base model's id for base requests; ids that did not
-resolve are counted as ``unresolved`` so a client can't grow the label set with garbage names.
+Wherever there is an ``adapter`` label there is a ``tenant`` label: ``adapter`` is the adapter's name
+(without its tenant), or the base model's id for base requests; ``tenant`` is the adapter's owner
+(for base requests, the caller's tenant), ``-`` for none. Ids that did not resolve are counted as
+``unresolved`` so a client can't grow the label set with garbage names.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import Request
@@ -17,8 +19,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.api.tenants import NO_TENANT
+
 PREFIX = "lora_server"
 UNRESOLVED = "unresolved"
+Labels = tuple[str, str]  # (tenant, adapter)
+LABELS = ["tenant", "adapter"]
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
@@ -89,6 +95,20 @@ def _prefix_cache_metrics(s: Any) -> Iterator[Metric]:
     yield evictions
 
 
+class TenantCollector(Collector):
+    """Each tenant's inference requests in flight (what its ``max_concurrent_requests`` bounds)."""
+
+    def __init__(self, in_flight: Callable[[], dict[str, int]]) -> None:
+        self._in_flight = in_flight
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(f"{PREFIX}_tenant_requests_in_flight",
+                                  "Inference requests in flight per tenant.", labels=["tenant"])
+        for tenant, count in sorted(self._in_flight().items()):
+            gauge.add_metric([tenant], count)
+        yield gauge
+
+
 def _lora_requests_info(s: Any) -> GaugeMetricFamily:
     """vLLM's ``lora_requests_info``: labels carry the state, the value is the scrape time.
 
@@ -117,21 +137,21 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
 
 
 class ServerMetrics:
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, in_flight: Callable[[], dict[str, int]] = dict) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(f"{PREFIX}_requests", "Inference requests by endpoint, adapter and status.",
-                                ["endpoint", "adapter", "status"], registry=r)
-        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed.", ["adapter"],
+        self.requests = Counter(f"{PREFIX}_requests", "Inference requests by endpoint, tenant, adapter and "
+                                "status.", ["endpoint", *LABELS, "status"], registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed.", LABELS,
                                      registry=r)
-        self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated.", ["adapter"],
+        self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated.", LABELS,
                                          registry=r)
-        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Time to first token.", ["adapter"],
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Time to first token.", LABELS,
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram(f"{PREFIX}_inter_token_latency_seconds", "Time between generated tokens.",
-                             ["adapter"], buckets=ITL_BUCKETS, registry=r)
+                             LABELS, buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram(f"{PREFIX}_request_latency_seconds", "Engine request latency, end to end.",
-                             ["adapter"], buckets=E2E_BUCKETS, registry=r)
+                             LABELS, buckets=E2E_BUCKETS, registry=r)
         self.upload = Histogram(f"{PREFIX}_adapter_upload_seconds",
                                 "Adapter upload: validation and atomic store.", buckets=UPLOAD_BUCKETS,
                                 registry=r)
@@ -139,6 +159,7 @@ class ServerMetrics:
                                       "Adapter load latency: disk -> host memory, host -> pool pages.",
                                       ["tier"], buckets=LOAD_BUCKETS, registry=r)
         r.register(EngineCollector(engine))
+        r.register(TenantCollector(in_flight))
         self._engine = engine
 
     def render(self) -> tuple[bytes, str]:
@@ -146,30 +167,33 @@ class ServerMetrics:
             self.adapter_load.labels(tier).observe(seconds)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-    def count_request(self, endpoint: str, adapter: str, status: int) -> None:
-        self.requests.labels(endpoint, adapter, str(status)).inc()
+    def count_request(self, endpoint: str, labels: Labels, status: int) -> None:
+        self.requests.labels(endpoint, *labels, str(status)).inc()
 
     def on_request_error(self, request: Request, status: int) -> None:
         """Error-handler hook: count failed inference requests (others aren't in this metric)."""
         endpoint = ENDPOINTS.get(request.url.path)
         if endpoint is not None and not getattr(request.state, "counted", False):
             request.state.counted = True
-            self.count_request(endpoint, getattr(request.state, "adapter_label", UNRESOLVED), status)
+            principal = getattr(request.state, "principal", None)
+            unresolved = (principal.label if principal is not None else NO_TENANT, UNRESOLVED)
+            self.count_request(endpoint, getattr(request.state, "labels", unresolved), status)
 
-    def observe_tokens(self, adapter: str, first: bool, elapsed: float, num_tokens: int) -> None:
+    def observe_tokens(self, labels: Labels, first: bool, elapsed: float, num_tokens: int) -> None:
         """One streamed output of ``num_tokens`` tokens, ``elapsed`` after the previous one (or after
         submission when ``first``)."""
         if num_tokens <= 0:
             return
         if first:
-            self.ttft.labels(adapter).observe(elapsed)
+            self.ttft.labels(*labels).observe(elapsed)
             num_tokens -= 1
             elapsed = 0.0
         per_token = elapsed / num_tokens if num_tokens else 0.0
         for _ in range(num_tokens):
-            self.itl.labels(adapter).observe(per_token)
+            self.itl.labels(*labels).observe(per_token)
 
-    def observe_finished(self, adapter: str, prompt_tokens: int, output_tokens: int, latency: float) -> None:
-        self.prompt_tokens.labels(adapter).inc(prompt_tokens)
-        self.generation_tokens.labels(adapter).inc(output_tokens)
-        self.e2e.labels(adapter).observe(latency)
+    def observe_finished(self, labels: Labels, prompt_tokens: int, output_tokens: int,
+                         latency: float) -> None:
+        self.prompt_tokens.labels(*labels).inc(prompt_tokens)
+        self.generation_tokens.labels(*labels).inc(output_tokens)
+        self.e2e.labels(*labels).observe(latency)

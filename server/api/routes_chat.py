@@ -38,6 +38,7 @@ def _sampling_fields(body: ChatCompletionRequest, max_tokens: int) -> dict[str, 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
     ctx = RequestContext.open(request, "chat", "chatcmpl", body.model, body.adapter_id)
+    body.check_supported()
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     ids = ctx.engine.tokenizer.apply_chat_template(messages)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

@@ -22,8 +22,9 @@ from server.engine_types import RequestOutput
 from server.errors import InvalidRequest
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 429, 503)
 }
+MAX_CHOICES = 256  # engine requests one HTTP request may fan out to (prompts x n)
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["inference"])
 
 
@@ -54,9 +55,13 @@ def _sampling_fields(body: CompletionRequest) -> dict[str, Any]:
 @router.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
 async def create_completion(body: CompletionRequest, request: Request) -> Any:
     ctx = RequestContext.open(request, "completions", "cmpl", body.model, body.adapter_id)
+    body.check_supported()
     if body.echo:
         raise InvalidRequest("echo is not supported", param="echo")
     prompts = prompt_token_ids(ctx.engine, body.prompt)
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise InvalidRequest(f"{len(prompts)} prompts x n={body.n} is more than {MAX_CHOICES} completions "
+                             "in one request; split it", param="prompt")
     fields = _sampling_fields(body)
     group = ctx.group(request)
     for i, ids in enumerate(prompts):

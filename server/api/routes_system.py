@@ -20,9 +20,9 @@ async def health() -> Health:
 async def ready(request: Request) -> JSONResponse:
     """Ready: the model is loaded and the engine loop is running and not draining."""
     state = request.app.state
-    if state.ready and state.engine.is_running:
+    if state.ready and state.engine.is_running and not state.draining:
         return JSONResponse({"status": "ready"})
-    status = "draining" if state.ready else "starting"
+    status = "draining" if state.ready or state.draining else "starting"
     return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "5"})
 
 

@@ -2,7 +2,10 @@
 
 Requests validate types and coarse ranges here (a bad type is a 400 naming the field); the value
 rules of sampling live in ``SamplingParams``, which raises ``InvalidRequest(param=...)`` too.
-Unknown request fields are ignored, as OpenAI-compatible servers commonly do.
+Unknown request fields are ignored, as OpenAI-compatible servers commonly do, except OpenAI's own
+fields that would change the answer were they honoured (penalties, logit_bias, tools,
+response_format, ...): those are declared, and a value other than their neutral one is a 400
+(``check_supported``) rather than an answer that silently ignores them.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.errors import InvalidRequest
+
 MAX_N = 16
+UNSUPPORTED_DOC = "Not supported: only its neutral value (shown as the default, or empty) is accepted."
 
 ADAPTER_ID_DOC = (
     "Serve with this LoRA adapter (wins over `model`). Unset with `model` naming the base model or "
@@ -40,6 +46,29 @@ class _SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="End-user id; logged, not used.")
+    frequency_penalty: float | None = Field(None, description=UNSUPPORTED_DOC + " 0.")
+    presence_penalty: float | None = Field(None, description=UNSUPPORTED_DOC + " 0.")
+    repetition_penalty: float | None = Field(None, description=UNSUPPORTED_DOC + " 1.")
+    logit_bias: dict[str, float] | None = Field(None, description=UNSUPPORTED_DOC)
+    response_format: dict[str, Any] | None = Field(None, description=UNSUPPORTED_DOC + ' {"type": "text"}.')
+    tools: list[dict[str, Any]] | None = Field(None, description=UNSUPPORTED_DOC)
+    tool_choice: str | dict[str, Any] | None = Field(None, description=UNSUPPORTED_DOC + ' "none".')
+    functions: list[dict[str, Any]] | None = Field(None, description=UNSUPPORTED_DOC)
+    function_call: str | dict[str, Any] | None = Field(None, description=UNSUPPORTED_DOC + ' "none".')
+
+    def check_supported(self) -> None:
+        """400 naming the first field set to something this server would not honour."""
+        neutral = {
+            "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "repetition_penalty": (1, 1.0),
+            "logit_bias": ({},), "response_format": ({"type": "text"},), "tools": ([],),
+            "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+            "suffix": ("",), "best_of": (1,),
+        }
+        for name, allowed in neutral.items():
+            value = getattr(self, name, None)
+            if value is not None and value not in allowed:
+                raise InvalidRequest(f"{name} is not supported by this server (got {value!r}); leave it "
+                                     "out", param=name)
 
 
 class CompletionRequest(_SamplingRequest):
@@ -49,6 +78,8 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: int | None = Field(16, description="Tokens to generate at most. Default 16.")
     logprobs: int | None = Field(None, description="Return this many top logprobs per token (0..20).")
     echo: bool = Field(False, description="Not supported (must be false).")
+    suffix: str | None = Field(None, description=UNSUPPORTED_DOC)
+    best_of: int | None = Field(None, description=UNSUPPORTED_DOC + " 1.")
 
 
 class ChatMessage(BaseModel):
@@ -177,8 +208,10 @@ class ModelList(BaseModel):
 
 
 class AdapterCard(BaseModel):
-    id: str
+    id: str = Field(..., description="The id the caller uses: a tenant's own adapters unqualified, "
+                    "`tenant:name` for a global key.")
     object: Literal["adapter"] = "adapter"
+    tenant: str | None = Field(None, description="The owning tenant; null for an adapter of no tenant.")
     uid: int = Field(..., description="Unique per upload: a re-uploaded id gets a new uid.")
     parent: str = Field(..., description="The base model's id.")
     rank: int = Field(..., description="Largest rank over the adapter's modules.")
