@@ -147,10 +147,11 @@ class LLMEngine:
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
+            # Name the field to shorten: the prompt when it alone leaves no room for one token.
             raise ContextLengthExceeded(
                 f"this model's maximum context length is {self.max_model_len} tokens; the request has "
                 f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} = {total}",
-                param="max_tokens",
+                param="prompt" if len(prompt) >= self.max_model_len else "max_tokens",
             )
         if self.scheduler.kv.pages_for_tokens(total) > self.pool.num_pages:
             raise InvalidRequest(

@@ -25,6 +25,7 @@ from server.errors import (
 )
 
 logger = logging.getLogger(__name__)
+UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}  # pydantic's names of union members
 BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's words when json.loads fails oddly
 
 
@@ -45,8 +46,8 @@ def server_error_body(exc: ServerError) -> dict[str, Any]:
 def _validation_param(loc: tuple[Any, ...]) -> str:
     """``("body", "messages", 0, "role")`` -> ``"messages.0.role"``; pydantic's union tags dropped."""
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    # Union members show up as type names (e.g. ``prompt.list[int].0``); keep the user's field path.
-    parts = [p for p in parts if not any(c in p for c in "[]")]
+    # Union members show up as type names (``prompt.str``, ``prompt.list[int].0``); keep the user's path.
+    parts = [p for p in parts if not any(c in p for c in "[]") and p not in UNION_TAGS]
     return ".".join(parts) if parts else "body"
 
 
@@ -54,8 +55,10 @@ def validation_error(exc: RequestValidationError) -> ServerError:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     param = _validation_param(tuple(first.get("loc", ())))
-    if first.get("type") == "json_invalid":
-        message = f"request body is not valid JSON: {first.get('msg')}"
+    if first.get("type") == "json_invalid":  # loc is ("body", character position)
+        param = "body"
+        reason = (first.get("ctx") or {}).get("error") or first.get("msg")
+        message = f"request body is not valid JSON: {reason} at character {first['loc'][-1]}"
     elif param == "body":
         message = f"invalid request body: {first.get('msg')}"
     else:

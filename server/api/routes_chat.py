@@ -22,6 +22,7 @@ from server.api.schemas import (
 )
 from server.api.streaming import SSEResponse, sse_stream
 from server.engine_types import RequestOutput
+from server.errors import InvalidRequest
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["inference"])
 
@@ -42,6 +43,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     ids = ctx.engine.tokenizer.apply_chat_template(messages)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if body.max_completion_tokens is not None and body.max_completion_tokens < 1:  # name the field sent
+        raise InvalidRequest("max_completion_tokens must be an integer >= 1, got "
+                             f"{body.max_completion_tokens}", param="max_completion_tokens")
     # No max_tokens: the completion may use whatever context the prompt leaves (vLLM's default).
     max_tokens = requested if requested is not None else max(1, ctx.engine.max_model_len - len(ids))
     group = ctx.group(request)

@@ -133,7 +133,7 @@ class Principal:
         """``qualify``, raising a 400 naming ``adapter_id`` if ``name`` can't be an id at all."""
         stored = self.qualify(name)
         if stored is None:
-            raise InvalidRequest(f"invalid adapter id {name!r}: must match {ADAPTER_ID_PATTERN} and not "
+            raise InvalidRequest(f"invalid adapter_id {name!r}: must match {ADAPTER_ID_PATTERN} and not "
                                  "contain '..'", param="adapter_id")
         return stored
 
