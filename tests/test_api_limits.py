@@ -111,11 +111,20 @@ def test_queue_full_is_503_with_retry_after(strict):
 
 
 def test_sigterm_drains_in_flight_requests_then_exits(strict):
-    body = {"prompt": PROMPT, "max_tokens": 24, "ignore_eos": True, "temperature": 0, "stream": True}
+    """SIGTERM: new connections are refused at once, the in-flight stream still finishes, exit 0."""
+    body = {"prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{strict.url}/v1/completions", json=body, headers=USER, timeout=60) as r:
         lines = r.iter_lines()
         first = next(lines)
         strict.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while True:  # the listening socket closes at once, while the stream goes on
+            try:
+                httpx.get(f"{strict.url}/health", timeout=5)
+            except httpx.ConnectError:
+                break
+            assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
+            time.sleep(0.05)
         rest = [line for line in lines if line]
     events = [first, *rest]
     assert events[-1] == "data: [DONE]"
