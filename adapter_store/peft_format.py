@@ -131,7 +131,7 @@ def load_peft_adapter(
             a, b = (_read_tensor(f, e, layer, name, side, dtype)
                     for side, e in zip("AB", pairs[(layer, name)], strict=True))
             weights[(layer, name)] = LoraWeights(a=a, b=b, rank=rank, scale=config.scale_for(rank, alpha))
-    parsed = ParsedAdapter(config=config, weights=weights, checksum=_sha256_file(path / WEIGHTS_NAME))
+    parsed = ParsedAdapter(config=config, weights=weights, checksum=sha256_file(path / WEIGHTS_NAME))
     logger.info(
         "parsed adapter %s: %d modules, ranks %s, %d bytes",
         path, len(weights), parsed.ranks, parsed.nbytes,
@@ -180,7 +180,8 @@ def _read_tensor(f: Any, e: TensorEntry, layer: int, name: str, side: str,
     return out
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(_CHUNK), b""):

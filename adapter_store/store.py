@@ -13,7 +13,6 @@ replace) is renamed back, so a crash never loses the previous version nor shows 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from adapter_store.peft_format import CONFIG_NAME, WEIGHTS_NAME, check_adapter_files
+from adapter_store.peft_format import CONFIG_NAME, WEIGHTS_NAME, check_adapter_files, sha256_file
 from adapter_store.tenancy import ADAPTER_ID_PATTERN, is_valid_stored_id, tenant_of
 from server.errors import AdapterExists, InvalidAdapter, InvalidRequest, PayloadTooLarge, UnknownAdapter
 
@@ -140,7 +139,7 @@ class AdapterStore:
     def verify(self, adapter_id: str) -> bool:
         """True iff the weights file still has the sha256 recorded when it was stored."""
         meta = self.get_meta(adapter_id)
-        return _sha256_file(self.root / adapter_id / WEIGHTS_NAME) == meta.checksum
+        return sha256_file(self.root / adapter_id / WEIGHTS_NAME) == meta.checksum
 
     def _stage(self, adapter_id: str, source: Mapping[str, bytes] | Path, staging: Path) -> StoredAdapterMeta:
         """Write the adapter files and meta.json into ``staging``, fsynced."""
@@ -166,7 +165,7 @@ class AdapterStore:
         for name in sizes:
             data = source[name] if isinstance(source, Mapping) else source / name
             _write_file(staging / name, data)
-        meta = StoredAdapterMeta(adapter_id, _sha256_file(staging / WEIGHTS_NAME), size, time.time(),
+        meta = StoredAdapterMeta(adapter_id, sha256_file(staging / WEIGHTS_NAME), size, time.time(),
                                  tenant_of(adapter_id))
         _write_file(staging / META_NAME, json.dumps(asdict(meta), indent=2).encode())
         _fsync_dir(staging)
@@ -233,14 +232,6 @@ def _write_file(dest: Path, data: bytes | Path) -> None:
             out.write(data)
         out.flush()
         os.fsync(out.fileno())
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
