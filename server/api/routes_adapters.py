@@ -77,11 +77,15 @@ async def upload_adapter(request: Request, principal: Principal = Depends(requir
             raise InvalidRequest(f"adapter id {upload.adapter_id!r} is the base model's id; choose another",
                                  param="adapter_id")
         size = sum(f.stat().st_size for f in Path(tmp).iterdir())
-        with state.storage_quota.reserve(principal, stored, size, engine.list_adapters):
-            try:
-                info = await run_in_threadpool(engine.add_adapter, stored, Path(tmp), upload.replace)
-            except AdapterExists:
-                raise AdapterExists(upload.adapter_id) from None
+
+        def store() -> AdapterInfo:  # off the event loop: the quota lists what is stored
+            with state.storage_quota.reserve(principal, stored, size, engine.list_adapters):
+                return engine.add_adapter(stored, Path(tmp), upload.replace)
+
+        try:
+            info = await run_in_threadpool(store)
+        except AdapterExists:
+            raise AdapterExists(upload.adapter_id) from None
     state.metrics.upload.observe(time.perf_counter() - started)
     logger.info("adapter stored: rank %d, %d bytes, sha256 %s", info.rank, info.size_bytes, info.checksum,
                 extra={"request_id": "-", "adapter_id": info.adapter_id})
