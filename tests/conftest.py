@@ -117,6 +117,16 @@ def smollm2_tokenizer_dir(smollm2_hf_tokenizer, tmp_path_factory):
 # --- A real server process on a loopback port (tests/test_api_*.py) ---------------------------
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the test process dies, however it dies (a killed
+    pytest must not leave servers behind holding gigabytes)."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class ServerProcess:
     """``python -m server`` on a free loopback port, its output in ``log_path``.
 
@@ -139,7 +149,8 @@ class ServerProcess:
                "--dtype", "float32", "--adapter-store-dir", str(workdir / "adapters"), *args]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         preexec_fn=_die_with_parent)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

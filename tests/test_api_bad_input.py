@@ -38,7 +38,8 @@ def server(api_server_factory, tmp_path_factory):
     s.store_dir = s.log_path.parent / "adapters"
     s.store_before = snapshot(s.store_dir)
     s.good = good
-    return s
+    yield s
+    s.stop()  # its memory and CPU go back to the rest of the suite
 
 
 def snapshot(root: Path) -> dict[str, int]:

@@ -36,7 +36,8 @@ def server(api_server_factory, tmp_path_factory):
         path = write_adapter(root / name, rank=8, modules=("v_proj",), seed=i)
         assert upload(s.url, name, path).status_code == 201
     s.store_dir = s.log_path.parent / "adapters"
-    return s
+    yield s
+    s.stop()  # its memory and CPU go back to the rest of the suite
 
 
 def weights(server, name: str) -> Path:

@@ -65,7 +65,8 @@ def server(api_server_factory, tmp_path_factory):
     for i in range(NUM_ADAPTERS):
         path = write_adapter(root / f"a{i}", rank=RANKS[i % 4], modules=MODULE_SETS[i // 4], seed=100 + i)
         assert upload(s.url, f"load-{i}", path).status_code == 201
-    return s
+    yield s
+    s.stop()  # its memory and CPU go back to the rest of the suite
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, combo: Combo, hang_up_after: int | None) -> Outcome:

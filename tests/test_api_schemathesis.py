@@ -26,6 +26,13 @@ def snapshot(root: Path) -> dict[str, int]:
 def test_schemathesis_finds_no_server_error(api_server_factory, tmp_path):
     server = api_server_factory("--pool-bytes", "64MiB", "--max-num-seqs", "16", "--max-model-len", "64",
                                 "--max-upload-bytes", "4MiB", "--request-read-timeout", "30")
+    try:
+        check_with_schemathesis(server, tmp_path)
+    finally:
+        server.stop()
+
+
+def check_with_schemathesis(server, tmp_path: Path) -> None:
     store = server.log_path.parent / "adapters"
     cli = Path(sys.executable).parent / "schemathesis"
     run = subprocess.run(

@@ -48,7 +48,8 @@ def server(api_server_factory, adapters, tmp_path_factory):
         r = upload(s.url, adapter_id, adapters[src], headers=auth(key))
         assert r.status_code == 201, r.text
     s.store_dir = s.log_path.parent / "adapters"
-    return s
+    yield s
+    s.stop()  # its memory and CPU go back to the rest of the suite
 
 
 def complete(url: str, key: str, **fields) -> httpx.Response:
