@@ -99,6 +99,7 @@ async def run_clients(url: str, plan: list[tuple[Combo, int | None]]) -> list[Ou
 
 def baseline(url: str, pid: int) -> dict[str, float]:
     names = {"kv": ("lora_server_pool_pages", {"kind": "kv"}),
+             "cached": ("lora_server_pool_pages", {"kind": "cached"}),
              "adapter": ("lora_server_pool_pages", {"kind": "adapter"}),
              "free": ("lora_server_pool_pages", {"kind": "free"}),
              "running": ("lora_server_num_requests_running", {}),
