@@ -64,7 +64,10 @@ def test_burst_beyond_the_queue(server):
 
     statuses = Counter(r.status_code for r in responses)
     assert set(statuses) == {200, 503}, statuses
-    assert MAX_SEQS + MAX_WAITING <= statuses[200] < BURST // 4
+    # The first MAX_WAITING arrivals always get in. More do once the engine moves some to running,
+    # but a burst can fill the queue before the engine's next step, and a preempted request takes
+    # its waiting slot back: MAX_SEQS + MAX_WAITING is typical, not guaranteed (CI saw 11).
+    assert MAX_WAITING <= statuses[200] < BURST // 4
     for i, r in enumerate(responses):
         if r.status_code == 503:
             assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["code"] == "overloaded"
