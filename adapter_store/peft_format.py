@@ -14,7 +14,6 @@ a store file truncated under a mapping would kill the process with SIGBUS.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from adapter_store.fsio import sha256_file
 from adapter_store.peft_config import (
     MODULE_PARENTS,
     LoraConfigInfo,
@@ -53,7 +53,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_CONFIG_BYTES = 1 << 20  # a real adapter_config.json is ~1 KB
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_CHUNK = 1 << 20
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
 _MODULE_RE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<parent>\w+)\.(?P<name>\w+)$")
 
@@ -178,15 +177,6 @@ def _read_tensor(f: Any, e: TensorEntry, layer: int, name: str, side: str,
         what = "contains NaN or Inf values" if not _finite(src) else f"overflows when cast to {dtype}"
         raise InvalidAdapter(f"tensor {_key(layer, name, side)} {what}", param=WEIGHTS_NAME)
     return out
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _key(layer: int, name: str, ab: str) -> str:

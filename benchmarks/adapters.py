@@ -5,18 +5,18 @@ adapter's tensors are slices (at a per-adapter offset) of one random pool, saved
 names and shapes and a PEFT ``adapter_config.json``. ``validate_with_peft`` loads a few with peft
 itself to show the files are real PEFT adapters.
 
-The dirs double as an adapter store (``<root>/<id>/meta.json``, the format of
-``adapter_store/store.py``), so our engine and server register them at start-up without reading
-the weights: every adapter starts cold, on disk only.
+Each family is kept twice: ``<root>/peft/<id>/`` are plain PEFT dirs (what vLLM and PEFT load) and
+``<root>/store`` is our adapter store holding the same files (``adapter_store/store.py``), so our
+engine and server register them at start-up without reading the weights: every adapter starts
+cold, on disk only.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from adapter_store.peft_config import MODULE_PARENTS
 from adapter_store.peft_format import CONFIG_NAME, WEIGHTS_NAME
-from adapter_store.store import META_NAME, StoredAdapterMeta
+from adapter_store.store import AdapterStore
 from benchmarks.workload import AdapterSpec
 from server.model_config import ModelConfig
 
@@ -64,32 +64,43 @@ def _tensors(spec: AdapterSpec, cfg: ModelConfig, pool: torch.Tensor, offset: in
 
 
 def write_adapter(root: Path, spec: AdapterSpec, cfg: ModelConfig, pool: torch.Tensor, seed: int,
-                  dtype: torch.dtype) -> None:
-    """One PEFT dir ``root/<id>`` with a store ``meta.json``."""
+                  dtype: torch.dtype) -> Path:
+    """One PEFT dir ``root/<id>``."""
     d = root / spec.adapter_id
-    d.mkdir(parents=True, exist_ok=True)
-    (d / CONFIG_NAME).write_text(json.dumps(peft_config(spec), indent=2))
-    save_file(_tensors(spec, cfg, pool, seed * 104_729, dtype), str(d / WEIGHTS_NAME))
-    data = (d / WEIGHTS_NAME).read_bytes()
-    size = len(data) + (d / CONFIG_NAME).stat().st_size
-    meta = StoredAdapterMeta(spec.adapter_id, hashlib.sha256(data).hexdigest(), size, time.time())
-    (d / META_NAME).write_text(json.dumps(asdict(meta)))
+    tmp = root / f".{spec.adapter_id}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / CONFIG_NAME).write_text(json.dumps(peft_config(spec), indent=2))
+    save_file(_tensors(spec, cfg, pool, seed * 104_729, dtype), str(tmp / WEIGHTS_NAME))
+    tmp.rename(d)  # whole or absent: an interrupted run rewrites it
+    return d
+
+
+def store_dir(peft_root: Path) -> Path:
+    """Our adapter store next to the PEFT dirs that ``ensure_adapters`` returned."""
+    return peft_root.parent / "store"
 
 
 def ensure_adapters(root: Path, specs: list[AdapterSpec], cfg: ModelConfig,
                     dtype: torch.dtype = torch.float32) -> Path:
-    """Write the adapters of ``specs`` missing under ``root`` (a cache: existing ones are kept)."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Write the adapters of ``specs`` missing under ``root`` (a cache: existing ones are kept);
+    returns the directory of PEFT dirs, ``root/peft`` (the store is ``store_dir`` of it)."""
+    peft_root = root / "peft"
+    peft_root.mkdir(parents=True, exist_ok=True)
+    store = AdapterStore(store_dir(peft_root))
     pool = torch.randn(_POOL_ELEMS, generator=torch.Generator().manual_seed(1234))
     start = time.perf_counter()
     made = 0
     for i, spec in enumerate(specs):
-        if not (root / spec.adapter_id / META_NAME).is_file():
-            write_adapter(root, spec, cfg, pool, i, dtype)
+        d = peft_root / spec.adapter_id
+        if not d.is_dir():
+            write_adapter(peft_root, spec, cfg, pool, i, dtype)
             made += 1
+        if not store.exists(spec.adapter_id):
+            store.put(spec.adapter_id, d)
     if made:
         log.info("wrote %d adapters under %s in %.1f s", made, root, time.perf_counter() - start)
-    return root
+    return peft_root
 
 
 def validate_with_peft(base: torch.nn.Module, dirs: list[Path]) -> None:

@@ -105,13 +105,20 @@ def run_job(job: dict, workdir: Path) -> dict | None:
     return result
 
 
+def store_dir(peft_root: Path) -> Path:
+    from benchmarks.adapters import store_dir as of
+
+    return of(peft_root)
+
+
 def base_job(args: argparse.Namespace, plan: Plan, roots: dict[str, Path], workdir: Path) -> dict:
     sc = plan.scenario
     specs = family(plan.family)[: sc.num_adapters] if plan.family else []
     req_path = workdir / f"{sc.name}.requests.json"
     save_requests(req_path, make_requests(sc, specs))
-    root = roots.get(plan.family or "", workdir / "empty-store")
+    root = roots.get(plan.family or "", workdir / "no-adapters" / "peft")
     return {"scenario": sc.to_json(), "requests": str(req_path), "adapter_root": str(root),
+            "adapter_store": str(store_dir(root)),
             "dtype": args.dtype, "threads": args.threads, "max_num_seqs": sc.max_num_seqs,
             "pool_bytes": 2 * 2**30, "peft_batch": 32,
             "warmup_adapter": specs[0].adapter_id if specs else None,

@@ -1,13 +1,22 @@
-"""The adapter registry: names to unique ids, and the disk -> host tiers.
+"""The adapter registry: names to unique ids, kept in step with the shared store, and the disk ->
+host tiers.
 
-Identity is separate from name (as SGLang's LoRARef): every add gets a fresh ``uid``, so deleting
-and re-adding a name never aliases the old weights in the host cache or the pool. Each entry
-counts its in-flight requests; a deleted adapter's weights stay available to the requests that
-were already admitted and are dropped when the last one ends.
+Identity is separate from name (as SGLang's LoRARef): every registration gets a fresh ``uid``, so a
+replaced, or deleted and re-added, name never aliases old weights in the host cache or the pool. A
+registration is bound to an immutable version directory of the store, never to the id's path: a
+request admitted on it reads those bytes whatever happens to the id meanwhile. Each entry counts
+its in-flight requests; a replaced or deleted entry stays (and its version stays leased, see
+adapter_store/gc.py) until the last of them ends.
 
-Threads: the API thread adds/removes/resolves; the engine thread asks ``spec_if_ready`` and
-``host_weights``; one background thread reads adapters from disk into the host cache. A lock
-guards the registry maps.
+Several processes share one store. ``resolve`` stats the id's ref file (one ``stat``) and re-reads
+it if it changed, so an upload, replace or delete made by another replica is seen by the next
+request; ``sync`` (the watcher calls it a few times a second, and listing calls it) catches up on
+every ref. Ref reads and writes are applied to the maps in the order they happened under
+``_sync_lock``; ``_lock`` guards only the maps, so the engine thread never waits on file I/O.
+
+Threads: API threads add/remove/resolve; the engine thread asks ``spec_if_ready`` and
+``host_weights``; one background thread reads adapters from disk into the host cache; the store
+watcher calls ``sync``.
 """
 
 from __future__ import annotations
@@ -25,7 +34,8 @@ import torch
 
 from adapter_store.host_cache import HostCache
 from adapter_store.peft_format import LoraWeights, ParsedAdapter, load_peft_adapter
-from adapter_store.store import AdapterStore, StoredAdapterMeta
+from adapter_store.refs import RefKey, StoredAdapterMeta, Tombstone, is_valid_adapter_id
+from adapter_store.store import AdapterStore
 from server.adapter_residency import AdapterSpec, ModuleSpec
 from server.errors import AdapterTooLarge, UnknownAdapter
 from server.model_config import ModelConfig
@@ -38,12 +48,12 @@ log = logging.getLogger(__name__)
 class AdapterRef:
     adapter_id: str
     uid: int
-    path: Path
+    path: Path  # the immutable version directory (store.version_path), never the id's ref
     meta: StoredAdapterMeta
+    key: RefKey | None = None  # the ref file's stamp when this registration was read
     in_flight: int = 0
     requests_served: int = 0
-    deleted: bool = False
-    held: ParsedAdapter | None = None  # kept in memory while a deleted adapter still has requests
+    deleted: bool = False  # replaced or deleted: takes no new requests, dropped after its last one
     spec: AdapterSpec | None = None
     failed: Exception | None = field(default=None, repr=False)
 
@@ -59,9 +69,11 @@ class AdapterManager:
         self.dtype = dtype
         self.host = HostCache[ParsedAdapter](host_cache_bytes)
         self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
         self._uids = itertools.count(1)
         self._by_name: dict[str, AdapterRef] = {}
         self._by_uid: dict[int, AdapterRef] = {}
+        self._seen: dict[str, RefKey] = {}  # every ref applied, live or tombstone -> stamp read
         self._loading: dict[int, Future[None]] = {}
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
         # Called (on the loader thread) when an adapter reaches host memory, so an engine loop
@@ -69,48 +81,87 @@ class AdapterManager:
         self.on_loaded: Callable[[], None] = lambda: None
         self.retired: list[int] = []  # uids whose last request ended after deletion; engine drains
         self._host_load_seconds: list[float] = []  # appended by the loader thread, drained by metrics
-        for meta in store.list():
-            self._register(meta)
+        self.sync()
 
-    def _register(self, meta: StoredAdapterMeta) -> AdapterRef:
-        ref = AdapterRef(meta.adapter_id, next(self._uids), self.store.get_path(meta.adapter_id), meta)
-        self._by_name[ref.adapter_id] = ref
-        self._by_uid[ref.uid] = ref
-        return ref
+    # ---- keeping up with the shared store ---------------------------------------------------
+    def sync(self) -> None:
+        """Apply every ref that changed since this process last read it (one listing, a stat each)."""
+        keys = self.store.scan()
+        with self._lock:
+            changed = [i for i, key in keys.items() if self._seen.get(i) != key]
+            changed += [i for i in self._seen if i not in keys]
+        for adapter_id in changed:
+            self.refresh(adapter_id)
+
+    def refresh(self, adapter_id: str) -> AdapterRef | None:
+        """Re-read one ref and apply it; the id's registration afterwards (None: absent or deleted)."""
+        with self._sync_lock:
+            try:
+                found = self.store.read(adapter_id)
+            except (OSError, ValueError) as exc:
+                log.warning("unreadable ref of adapter %s: %s", adapter_id, exc,
+                            extra={"adapter_id": adapter_id})
+                return self._by_name.get(adapter_id)
+            return self._apply(adapter_id, *(found or (None, None)))
+
+    def _apply(self, adapter_id: str, key: RefKey | None,
+               record: StoredAdapterMeta | Tombstone | None) -> AdapterRef | None:
+        with self._lock:
+            if key is None:
+                self._seen.pop(adapter_id, None)
+            else:
+                self._seen[adapter_id] = key
+            current = self._by_name.get(adapter_id)
+            live = record if isinstance(record, StoredAdapterMeta) else None
+            if current is not None and current.meta == live:
+                current.key = key
+                return current
+            if current is not None:
+                del self._by_name[adapter_id]
+                self._retire(current)
+            if live is None:
+                return None
+            ref = AdapterRef(adapter_id, next(self._uids), self.store.version_path(live.version), live, key)
+            self._by_name[adapter_id] = ref
+            self._by_uid[ref.uid] = ref
+            return ref
+
+    def versions_in_use(self) -> set[str]:
+        """Every version a registration here may still read: what this process's lease lists."""
+        with self._lock:
+            return {ref.meta.version for ref in self._by_uid.values()}
 
     # ---- API side -------------------------------------------------------------------------
     def add(self, adapter_id: str, source: Mapping[str, bytes] | Path, replace: bool = False) -> AdapterRef:
         """Validate against the base model and the pool, store atomically, register with a new uid."""
-        parsed: list[ParsedAdapter] = []
-
-        def validate(staged: Path) -> None:
-            p = load_peft_adapter(staged, self.model, self.max_rank, self.dtype)
-            need = self._spec(0, adapter_id, p).pages_needed(self.layout)
+        with self.store.stage(adapter_id, source, replace=replace) as staged:
+            parsed = load_peft_adapter(staged.path, self.model, self.max_rank, self.dtype)
+            need = self._spec(0, adapter_id, parsed).pages_needed(self.layout)
             if need > self.num_pages:
                 raise AdapterTooLarge(
                     f"adapter {adapter_id!r} needs {need} pages of the pool; the pool has {self.num_pages}"
                 )
-            parsed.append(p)
-
-        meta = self.store.put(adapter_id, source, replace=replace, validate=validate)
-        with self._lock:
-            old = self._by_name.get(adapter_id)
-            if old is not None:
-                self._retire(old)
-            ref = self._register(meta)
-            ref.spec = self._spec(ref.uid, adapter_id, parsed[0])
-        self.host.put(ref.uid, parsed[0])
+            with self._sync_lock:
+                key, meta = self.store.commit(staged, replace=replace)
+                ref = self._apply(adapter_id, key, meta)
+                assert ref is not None
+                ref.spec = self._spec(ref.uid, adapter_id, parsed)
+                self.host.put(ref.uid, parsed)
         return ref
 
     def remove(self, adapter_id: str) -> None:
-        """New requests get 404 at once; requests already admitted finish on the old weights."""
-        with self._lock:
-            ref = self.resolve(adapter_id)
-            if ref.in_flight and ref.held is None:
-                ref.held = self.host.get(ref.uid) or self._read(ref)
-            del self._by_name[adapter_id]
-            self._retire(ref)
-        self.store.delete(adapter_id)
+        """Tombstone the adapter: new requests get 404 (here at once, in other replicas at their next
+        look at the ref); requests already admitted finish on the version they were admitted with."""
+        if not is_valid_adapter_id(adapter_id):
+            raise UnknownAdapter(adapter_id, known=self.names())
+        with self._sync_lock:
+            try:
+                key, tomb = self.store.delete(adapter_id)
+            except UnknownAdapter:
+                found = self.store.read(adapter_id)  # deleted elsewhere: catch up, then answer 404
+                self._apply(adapter_id, *(found or (None, None)))
+                raise
+            self._apply(adapter_id, key, tomb)
 
     def _retire(self, ref: AdapterRef) -> None:
         ref.deleted = True
@@ -120,21 +171,30 @@ class AdapterManager:
     def _drop(self, ref: AdapterRef) -> None:
         self._by_uid.pop(ref.uid, None)
         self.host.pop(ref.uid)
-        ref.held = None
         self.retired.append(ref.uid)
 
     def resolve(self, adapter_id: str) -> AdapterRef:
-        ref = self._by_name.get(adapter_id)
+        """The id's current registration, or UnknownAdapter. One stat of its ref tells whether this
+        process is up to date; if not, the ref is re-read first."""
+        key = self.store.key(adapter_id) if is_valid_adapter_id(adapter_id) else None
+        with self._lock:
+            fresh = self._seen.get(adapter_id) == key
+            ref = self._by_name.get(adapter_id)
+        if not fresh:
+            ref = self.refresh(adapter_id)
         if ref is None:
-            raise UnknownAdapter(adapter_id, known=list(self._by_name))
+            raise UnknownAdapter(adapter_id, known=self.names())
         return ref
 
     def acquire(self, adapter_id: str) -> AdapterRef:
-        with self._lock:
+        """Resolve and count a request in: the request is bound to this registration's version."""
+        while True:
             ref = self.resolve(adapter_id)
-            ref.in_flight += 1
-            ref.requests_served += 1
-            return ref
+            with self._lock:
+                if not ref.deleted:  # else it was replaced since resolve: take the new one
+                    ref.in_flight += 1
+                    ref.requests_served += 1
+                    return ref
 
     def release(self, uid: int) -> None:
         with self._lock:
@@ -145,7 +205,14 @@ class AdapterManager:
             if ref.deleted and ref.in_flight == 0:
                 self._drop(ref)
 
-    def list(self) -> list[AdapterRef]:
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._by_name)
+
+    def list(self, sync: bool = False) -> list[AdapterRef]:
+        """Current registrations by id; ``sync`` first catches up with the store."""
+        if sync:
+            self.sync()
         with self._lock:
             return sorted(self._by_name.values(), key=lambda r: r.adapter_id)
 
@@ -166,7 +233,7 @@ class AdapterManager:
         ref = self._by_uid.get(uid)
         if ref is None:
             return None
-        if ref.spec is not None and (ref.held is not None or uid in self.host):
+        if ref.spec is not None and uid in self.host:
             return ref.spec
         if uid not in self._loading and ref.failed is None:
             self._loading[uid] = self._loader.submit(self._load_into_host, ref)
@@ -175,7 +242,7 @@ class AdapterManager:
     def host_weights(self, uid: int) -> Mapping[tuple[int, str], LoraWeights]:
         """Weights to copy into pages; read synchronously if the host cache dropped them meanwhile."""
         ref = self._by_uid[uid]
-        parsed = ref.held or self.host.get(uid) or self._read(ref)
+        parsed = self.host.get(uid) or self._read(ref)
         return parsed.weights
 
     def failed(self, uid: int) -> Exception | None:

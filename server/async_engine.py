@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.adapter_watch import StoreWatcher
 from server.config import EngineConfig
 from server.engine import LLMEngine, PreparedRequest
 from server.engine_types import AdapterInfo, EngineStats, RequestOutput
@@ -42,6 +43,7 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.engine = LLMEngine(config)
         self.engine.adapters.on_loaded = self._wake_up
+        self.watcher = StoreWatcher(self.engine.adapters, config.store_rescan_interval)
         self.config = config
         self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
@@ -76,6 +78,7 @@ class AsyncEngine:
         return self._thread.is_alive() and not self._draining
 
     def start(self) -> None:
+        self.watcher.start()
         self._thread.start()
 
     def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
@@ -88,6 +91,7 @@ class AsyncEngine:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        self.watcher.stop()
         self.engine.adapters.shutdown()
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,

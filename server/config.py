@@ -23,6 +23,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_waiting: int = 1024  # queued requests before new ones get 503
     adapter_store_dir: str = "data/adapters"
+    store_rescan_interval: float = 0.5  # seconds between rescans of a (possibly shared) store
     host_cache_bytes: int = 1024 * 2**20
     max_lora_rank: int = 256
     max_adapters_per_step: int | None = None  # cap on distinct adapters in one step
@@ -50,5 +51,7 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.store_rescan_interval <= 0:
+            raise ValueError(f"store_rescan_interval must be positive, got {self.store_rescan_interval}")
         if self.max_adapters_per_step is not None and self.max_adapters_per_step < 1:
             raise ValueError("max_adapters_per_step must be >= 1 when set")

@@ -248,7 +248,8 @@ class LLMEngine:
         self.adapters.remove(adapter_id)
 
     def list_adapters(self) -> list[AdapterInfo]:
-        return [self.adapter_info(r) for r in self.adapters.list()]
+        """Every adapter in the store now, including those uploaded through other replicas."""
+        return [self.adapter_info(r) for r in self.adapters.list(sync=True)]
 
     def get_adapter(self, adapter_id: str) -> AdapterInfo:
         return self.adapter_info(self.adapters.resolve(adapter_id))

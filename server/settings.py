@@ -55,6 +55,15 @@ class ServerSettings(BaseSettings):
     adapter_store_dir: Path = Field(
         Path("data/adapters"), description="Directory of the persistent adapter store (uploads land here)."
     )
+    store_rescan_interval: float = Field(
+        0.5, gt=0, description="Seconds between rescans of the adapter store, which several replicas may "
+        "share (a ReadWriteMany volume): uploads, replaces and deletes made through another replica show "
+        "in listings within this time (a request naming an adapter checks its ref itself).",
+    )
+    replica_id: str | None = Field(
+        None, description="This replica's name, sent in the X-Served-By response header. Unset: "
+        "<hostname>:<port>.",
+    )
     host_cache_bytes: ByteSize = Field(
         ByteSize(1024 * MiB), gt=0, description="Host-memory LRU cache of adapter weights (bytes)."
     )
@@ -129,6 +138,7 @@ class ServerSettings(BaseSettings):
             max_model_len=self.max_model_len,
             max_waiting=self.max_waiting,
             adapter_store_dir=str(self.adapter_store_dir),
+            store_rescan_interval=self.store_rescan_interval,
             host_cache_bytes=int(self.host_cache_bytes),
             max_lora_rank=self.max_lora_rank,
             num_threads=self.threads,

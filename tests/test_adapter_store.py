@@ -1,4 +1,5 @@
-"""Disk store (atomic put/replace/delete, crash recovery, ids) and the host LRU cache."""
+"""Disk store (content-addressed versions, atomic refs, tombstones, crash recovery, ids) and the host
+LRU cache. Sharing one store between processes: tests/test_shared_store.py."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import pytest
 
 from adapter_store.host_cache import HostCache
 from adapter_store.peft_format import WEIGHTS_NAME, load_peft_adapter
+from adapter_store.refs import Tombstone
 from adapter_store.store import ADAPTER_ID_PATTERN, AdapterStore
 from server.errors import AdapterExists, InvalidAdapter, InvalidRequest, PayloadTooLarge, UnknownAdapter
+
+LAYOUT = ["leases", "locks", "refs", "staging", "store.json", "trash", "versions"]
 
 
 @pytest.fixture
@@ -30,22 +34,42 @@ def sha(path: Path) -> str:
     return hashlib.sha256((path / WEIGHTS_NAME).read_bytes()).hexdigest()
 
 
-def hidden(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+def entries(path: Path) -> list[str]:
+    """Visible entries (the hidden open lock and temp files aside)."""
+    return sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+
+
+def leftovers(store: AdapterStore) -> list[str]:
+    """Anything in staging/ or trash/, and temp files next to the refs."""
+    root = store.root
+    return sorted([*os.listdir(root / "staging"), *os.listdir(root / "trash"),
+                   *(p.name for p in (root / "refs").glob(".tmp-*"))])
 
 
 def test_put_from_dir_and_reopen(tmp_path, adapter_dir, tiny_model_config):
     store = AdapterStore(tmp_path / "store")
     meta = store.put("math-v1", adapter_dir)
-    assert meta.adapter_id == "math-v1" and meta.checksum == sha(adapter_dir)
+    assert meta.adapter_id == "math-v1" and meta.checksum == sha(adapter_dir) and meta.generation == 1
     path = store.get_path("math-v1")
-    assert sorted(p.name for p in path.iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "meta.json"
-    ]
+    assert path == store.root / "versions" / meta.version
+    assert entries(path) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "manifest.json"]
+    assert entries(store.root) == LAYOUT and entries(store.root / "refs") == ["math-v1.json"]
     assert store.exists("math-v1") and store.verify("math-v1")
     assert load_peft_adapter(path, tiny_model_config).checksum == meta.checksum
     reopened = AdapterStore(tmp_path / "store")
     assert reopened.list() == [meta]
+
+
+def test_version_is_the_content_hash(tmp_path, adapter_dir, other_dir):
+    """Equal content is stored once whatever the id; a different file changes the version."""
+    store = AdapterStore(tmp_path / "store")
+    a = store.put("a", adapter_dir)
+    b = store.put("b", adapter_dir)
+    c = store.put("c", other_dir)
+    assert a.version == b.version != c.version and len(a.version) == 64
+    assert entries(store.root / "versions") == sorted({a.version, c.version})
+    (adapter_dir / "README.md").write_text("another readme")
+    assert store.put("d", adapter_dir).version not in (a.version, c.version)
 
 
 def test_put_from_bytes(tmp_path, adapter_dir):
@@ -57,17 +81,18 @@ def test_put_from_bytes(tmp_path, adapter_dir):
     assert not (store.get_path("a") / "training_args.bin").exists()
 
 
-def test_validate_runs_on_hidden_staged_copy(tmp_path, adapter_dir):
+def test_validate_runs_on_locked_staged_copy(tmp_path, adapter_dir):
     store = AdapterStore(tmp_path / "store")
     seen = []
 
     def validate(path: Path) -> None:
         seen.append(path)
-        assert path.parent == store.root and path.name.startswith(".staging-")
+        assert path.parent == store.root / "staging"
+        assert sorted(os.listdir(path.parent)) == [path.name, f"{path.name}.lock"]
         assert (path / WEIGHTS_NAME).is_file() and not store.exists("a")
 
     store.put("a", adapter_dir, validate=validate)
-    assert len(seen) == 1 and store.exists("a") and hidden(store.root) == []
+    assert len(seen) == 1 and store.exists("a") and leftovers(store) == []
 
 
 def test_failed_validation_leaves_nothing(tmp_path, adapter_dir):
@@ -78,7 +103,8 @@ def test_failed_validation_leaves_nothing(tmp_path, adapter_dir):
 
     with pytest.raises(InvalidAdapter, match="nope"):
         store.put("a", adapter_dir, validate=validate)
-    assert store.list() == [] and not store.exists("a") and list(store.root.iterdir()) == []
+    assert store.list() == [] and not store.exists("a") and leftovers(store) == []
+    assert entries(store.root / "versions") == [] and entries(store.root / "refs") == []
 
 
 def test_validation_with_real_parser(tmp_path, adapter_dir, tiny_model_config):
@@ -86,7 +112,7 @@ def test_validation_with_real_parser(tmp_path, adapter_dir, tiny_model_config):
     store = AdapterStore(tmp_path / "store")
     with pytest.raises(InvalidAdapter, match="corrupt"):
         store.put("a", adapter_dir, validate=lambda p: load_peft_adapter(p, tiny_model_config))
-    assert list(store.root.iterdir()) == []
+    assert leftovers(store) == [] and entries(store.root / "versions") == []
 
 
 def test_duplicate_id_and_replace(tmp_path, adapter_dir, other_dir):
@@ -96,9 +122,11 @@ def test_duplicate_id_and_replace(tmp_path, adapter_dir, other_dir):
         store.put("a", other_dir)
     assert store.get_meta("a") == first
     second = store.put("a", other_dir, replace=True)
-    assert second.checksum == sha(other_dir) != first.checksum
+    assert second.checksum == sha(other_dir) != first.checksum and second.generation == 2
     assert store.get_meta("a") == second and store.verify("a")
-    assert hidden(store.root) == [] and [m.adapter_id for m in store.list()] == ["a"]
+    assert [m.adapter_id for m in store.list()] == ["a"] and leftovers(store) == []
+    # The replaced version stays on disk, unchanged, for requests admitted on it (gc removes it later).
+    assert sha(store.version_path(first.version)) == first.checksum
 
 
 def test_replace_with_failed_validation_keeps_old(tmp_path, adapter_dir, other_dir):
@@ -110,7 +138,7 @@ def test_replace_with_failed_validation_keeps_old(tmp_path, adapter_dir, other_d
 
     with pytest.raises(InvalidAdapter):
         store.put("a", other_dir, replace=True, validate=validate)
-    assert store.get_meta("a") == first and hidden(store.root) == []
+    assert store.get_meta("a") == first and leftovers(store) == []
 
 
 def _failing_rename(monkeypatch, fail_when) -> None:
@@ -124,50 +152,52 @@ def _failing_rename(monkeypatch, fail_when) -> None:
     monkeypatch.setattr(os, "rename", rename)
 
 
-def test_rename_failure_on_put_leaves_nothing(tmp_path, adapter_dir, monkeypatch):
+def test_failed_version_rename_leaves_nothing(tmp_path, adapter_dir, monkeypatch):
     store = AdapterStore(tmp_path / "store")
-    _failing_rename(monkeypatch, lambda src, dst: src.name.startswith(".staging-"))
+    _failing_rename(monkeypatch, lambda src, dst: dst.parent.name == "versions")
     with pytest.raises(OSError, match="simulated"):
         store.put("a", adapter_dir)
     monkeypatch.undo()
     reopened = AdapterStore(tmp_path / "store")
-    assert reopened.list() == [] and list(reopened.root.iterdir()) == []
+    assert reopened.list() == [] and leftovers(reopened) == [] and entries(reopened.root / "versions") == []
 
 
-def test_rename_failure_mid_replace_restores_old(tmp_path, adapter_dir, other_dir, monkeypatch):
+def test_failed_ref_switch_keeps_old(tmp_path, adapter_dir, other_dir, monkeypatch):
+    """The ref is the commit point: if its rename fails, the id still names the old version."""
     store = AdapterStore(tmp_path / "store")
     first = store.put("a", adapter_dir)
-    _failing_rename(monkeypatch, lambda src, dst: src.name.startswith(".staging-"))
+    _failing_rename(monkeypatch, lambda src, dst: dst.name == "a.json")
     with pytest.raises(OSError, match="simulated"):
         store.put("a", other_dir, replace=True)
     monkeypatch.undo()
-    assert store.get_meta("a") == first and store.verify("a") and hidden(store.root) == []
+    assert store.get_meta("a") == first and store.verify("a") and leftovers(store) == []
 
 
-def test_recovery_after_hard_crash(tmp_path, adapter_dir, other_dir):
-    """State a kill -9 can leave: old version moved aside, new one half-staged, a delete half-done."""
-    store = AdapterStore(tmp_path / "store")
+def test_recovery_removes_only_abandoned_staging(tmp_path, adapter_dir):
+    """What a kill -9 leaves: a staging dir whose writer is gone (its lock free), a temp ref file."""
+    store = AdapterStore(tmp_path / "store", staging_min_age=0)
     first = store.put("a", adapter_dir)
-    store.put("b", other_dir)
-    os.rename(store.root / "a", store.root / ".old-123")
-    os.rename(store.root / "b", store.root / ".deleted-456")
-    (store.root / ".staging-789").mkdir()
-    (store.root / ".staging-789" / WEIGHTS_NAME).write_bytes(b"half")
-    reopened = AdapterStore(tmp_path / "store")
-    assert reopened.list() == [first] and reopened.verify("a")
-    assert hidden(reopened.root) == []
+    staging = store.root / "staging"
+    (staging / "host-1-dead").mkdir()
+    (staging / "host-1-dead" / WEIGHTS_NAME).write_bytes(b"half")
+    (staging / "host-1-dead.lock").touch()
+    reopened = AdapterStore(tmp_path / "store", staging_min_age=0)
+    assert reopened.list() == [first] and reopened.verify("a") and leftovers(reopened) == []
 
 
-def test_delete(tmp_path, adapter_dir):
+def test_delete_is_a_tombstone(tmp_path, adapter_dir):
     store = AdapterStore(tmp_path / "store")
-    store.put("a", adapter_dir)
-    store.delete("a")
-    assert not store.exists("a") and store.list() == [] and list(store.root.iterdir()) == []
+    meta = store.put("a", adapter_dir)
+    key, tomb = store.delete("a")
+    assert tomb == Tombstone("a", 2, tomb.deleted_at) and store.read("a") == (key, tomb)
+    assert not store.exists("a") and store.list() == [] and entries(store.root / "refs") == ["a.json"]
     with pytest.raises(UnknownAdapter):
         store.delete("a")
     with pytest.raises(UnknownAdapter):
         store.get_path("a")
     assert AdapterStore(tmp_path / "store").list() == []
+    again = store.put("a", adapter_dir)  # re-upload after delete: generations keep counting up
+    assert again.generation == 3 and again.version == meta.version
 
 
 def test_verify_detects_corruption(tmp_path, adapter_dir):
@@ -185,14 +215,14 @@ def test_refuses_pickle_only_upload(tmp_path, adapter_dir):
     (adapter_dir / WEIGHTS_NAME).rename(adapter_dir / "adapter_model.bin")
     with pytest.raises(InvalidAdapter, match="adapter_model.bin"):
         store.put("a", adapter_dir)
-    assert list(store.root.iterdir()) == []
+    assert leftovers(store) == [] and store.list() == []
 
 
 def test_payload_too_large(tmp_path, adapter_dir):
     store = AdapterStore(tmp_path / "store", max_adapter_bytes=1000)
     with pytest.raises(PayloadTooLarge, match="1000"):
         store.put("a", adapter_dir)
-    assert list(store.root.iterdir()) == []
+    assert leftovers(store) == [] and store.list() == []
 
 
 @pytest.mark.parametrize(
@@ -204,14 +234,15 @@ def test_invalid_ids(tmp_path, adapter_dir, bad):
         with pytest.raises(InvalidRequest) as info:
             call()
         assert info.value.param == "adapter_id" and ADAPTER_ID_PATTERN in info.value.message
-    assert list(store.root.iterdir()) == []
+    assert entries(store.root / "refs") == [] and leftovers(store) == []
 
 
-@pytest.mark.parametrize("good", ["a", "Llama-3_math.v2", "x" * 128, "0"])
+@pytest.mark.parametrize("good", ["a", "Llama-3_math.v2", "x" * 128, "0", "versions", "store.json"])
 def test_valid_ids(tmp_path, adapter_dir, good):
     store = AdapterStore(tmp_path / "store")
     store.put(good, adapter_dir)
     assert [m.adapter_id for m in store.list()] == [good]
+    assert [m.adapter_id for m in AdapterStore(tmp_path / "store").list()] == [good]
 
 
 # ---- host cache ----------------------------------------------------------------------------------

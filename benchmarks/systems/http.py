@@ -40,7 +40,7 @@ def server(job: dict) -> Iterator[tuple[str, subprocess.Popen]]:
     port = _free_port()
     cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),
            "--threads", str(job["threads"]), "--dtype", job["dtype"],
-           "--adapter-store-dir", job["adapter_root"], "--pool-bytes", str(job["pool_bytes"]),
+           "--adapter-store-dir", job["adapter_store"], "--pool-bytes", str(job["pool_bytes"]),
            "--max-num-seqs", str(job["max_num_seqs"]), "--host-cache-bytes", str(2 * 2**30),
            "--log-level", "warning", *(["--model", job["serving_dir"]] if job.get("serving_dir") else [])]
     env = {**os.environ, "GOMP_SPINCOUNT": "20000", "OMP_NUM_THREADS": str(job["threads"])}

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 def engine_config(job: dict) -> EngineConfig:
     """The engine configuration of a job: its dtype, threads, adapter root and any overrides."""
     base = EngineConfig(model=job.get("serving_dir"), dtype=job["dtype"], num_threads=job["threads"],
-                        adapter_store_dir=job["adapter_root"],
+                        adapter_store_dir=job["adapter_store"],
                         pool_bytes=job["pool_bytes"], max_num_seqs=job["max_num_seqs"],
                         host_cache_bytes=2 * 2**30)
     return replace(base, **job.get("engine_overrides", {}))

@@ -23,6 +23,7 @@ from server.api.errors import install_error_handlers
 from server.api.guards import RequestGuard
 from server.api.metrics import ServerMetrics
 from server.api.quotas import RequestGate, StorageQuota
+from server.api.served_by import ServedByMiddleware, default_replica_id
 from server.api.tenants import Keyring
 from server.settings import ServerSettings
 
@@ -70,4 +71,6 @@ def create_app(engine: Any, settings: ServerSettings, keyring: Keyring | None = 
         app.include_router(module.router)
     app.add_middleware(RequestGuard, max_request_bytes=int(settings.max_request_bytes),
                        read_timeout=settings.request_read_timeout, streamed_bodies=_streams_body)
+    replica_id = settings.replica_id or default_replica_id(settings.port)
+    app.add_middleware(ServedByMiddleware, replica_id=replica_id)
     return app
