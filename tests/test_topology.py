@@ -64,7 +64,8 @@ def topo(tmp_path_factory, smollm2_tokenizer_dir):
         for r in replicas:
             r.wait_ready()
         ports = {r.name: r.port for r in replicas}
-        balancers = {kind: start_balancer(kind, ports, tmp / kind) for kind in BALANCERS}
+        for kind in BALANCERS:
+            balancers[kind] = start_balancer(kind, ports, tmp / kind)
         yield {"replicas": {r.name: r for r in replicas}, "lb": balancers, "paths": paths, "tmp": tmp,
                "store": store, "model_dir": model_dir}
     finally:
