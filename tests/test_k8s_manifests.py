@@ -34,8 +34,9 @@ def test_optional_custom_resources_are_well_formed():
     docs = [d for p in OPTIONAL for d in yaml.safe_load_all(p.read_text()) if d]
     kinds = {(d["apiVersion"], d["kind"]): d for d in docs}
     pool = kinds[("inference.networking.k8s.io/v1", "InferencePool")]
-    container = load("deployment.yaml")["spec"]["template"]["spec"]["containers"][0]
-    assert pool["spec"]["selector"]["matchLabels"] == load("deployment.yaml")["spec"]["selector"]["matchLabels"]
+    dep = load("deployment.yaml")
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    assert pool["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
     assert [p["number"] for p in pool["spec"]["targetPorts"]] == [container["ports"][0]["containerPort"]]
     route = kinds[("gateway.networking.k8s.io/v1", "HTTPRoute")]
     assert route["spec"]["rules"][0]["backendRefs"][0]["name"] == pool["metadata"]["name"]

@@ -8,6 +8,10 @@ a hot adapter spills to a second replica (bounded load); a deleted adapter is 40
 a replace gives new text everywhere while a stream admitted before it finishes on the old version;
 SIGTERM during a stream finishes it; kill -9 of a replica doesn't fail requests through a balancer.
 Tests run in file order and the last ones take replicas away.
+
+``LORA_TOPOLOGY=compose`` (``make test-container``) runs the same checks against
+deploy/docker-compose.yml built and run with podman or docker (tests/compose_stack.py): the real
+image, SmolLM2, the balancers in containers.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from peft import LoraConfig
 
 from benchmarks.topology import DEPLOY, find_binary, start_balancer, start_replica
@@ -29,11 +34,15 @@ from tests.peft_helpers import build_adapters
 
 pytestmark = pytest.mark.slow
 
+MODE = os.environ.get("LORA_TOPOLOGY", "local")  # local | compose
+KEY = "topology-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}  # every replica requires it (api and admin key alike)
 BALANCERS = ("nginx", "haproxy")
 PROMPT = [72, 101, 108, 108, 111, 44, 32, 119]  # token ids: the tiny model has a 256-token vocab
-LONG = 1000  # tokens of a stream that must still be running while something else happens
+LONG = 1000 if MODE == "local" else 300  # tokens of a stream still running while something else happens
 REPLICA_ARGS = ["--dtype", "float32", "--pool-bytes", "32MiB", "--max-num-seqs", "4",
-                "--max-num-batched-tokens", "256", "--log-level", "warning"]
+                "--max-num-batched-tokens", "256", "--log-level", "warning",
+                "--api-key", KEY, "--admin-key", KEY]
 ADAPTERS = {f"a{i}": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) for i in range(8)}
 ADAPTERS |= {"swap-v1": LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"]),
              "swap-v2": LoraConfig(r=4, lora_alpha=16, target_modules=["v_proj", "down_proj"])}
@@ -48,13 +57,20 @@ def _missing_binaries() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def topo(tmp_path_factory, smollm2_tokenizer_dir):
+def topo(tmp_path_factory, request):
+    tmp = tmp_path_factory.mktemp("topology")
+    if MODE == "compose":
+        yield from _compose_topology(tmp)
+    else:
+        yield from _local_topology(tmp, request.getfixturevalue("smollm2_tokenizer_dir"))
+
+
+def _local_topology(tmp: Path, tokenizer_dir: Path):
     missing = _missing_binaries()
     if missing:
         pytest.skip(f"not installed: {', '.join(missing)} (apt-get install nginx haproxy "
                     "libnginx-mod-http-js; .ci/run installs them when run as root)")
-    tmp = tmp_path_factory.mktemp("topology")
-    model_dir, base = tiny_llama_dir(tmp / "model", smollm2_tokenizer_dir, max_position_embeddings=2048)
+    model_dir, base = tiny_llama_dir(tmp / "model", tokenizer_dir, max_position_embeddings=2048)
     _, paths = build_adapters(base, ADAPTERS, tmp / "adapters", std=0.5)
     store = tmp / "store"
     replicas = [start_replica(f"r{i}", tmp / "logs", store, ["--model", str(model_dir), *REPLICA_ARGS])
@@ -75,18 +91,41 @@ def topo(tmp_path_factory, smollm2_tokenizer_dir):
             r.stop(timeout=30)
 
 
+def _compose_topology(tmp: Path):
+    """SmolLM2 in the containers: adapters of its shapes, written directly (benchmarks/adapters.py)."""
+    from benchmarks.adapters import random_pool, write_adapter
+    from benchmarks.workload import AdapterSpec
+    from server.gguf_loader import GGUFFile
+    from server.loader import default_model_path
+    from tests.compose_stack import ComposeStack, build_images
+
+    cfg = GGUFFile(default_model_path()).config()
+    pool = random_pool()
+    paths = {name: write_adapter(tmp, AdapterSpec(name, c.r, tuple(c.target_modules)), cfg, pool, i,
+                                 torch.float32, b_std=0.2) for i, (name, c) in enumerate(ADAPTERS.items())}
+    build_images()
+    stack = ComposeStack(tmp, KEY)
+    try:
+        replicas, balancers = stack.up()
+        yield {"replicas": replicas, "lb": balancers, "paths": paths, "tmp": tmp}
+    finally:
+        (tmp / "compose.log").write_text(stack.logs())
+        stack.down()
+
+
 def upload(url: str, adapter_id: str, directory: Path, replace: bool = False,
            headers: dict[str, str] | None = None) -> httpx.Response:
     files = {name: (name, (directory / name).read_bytes(), "application/octet-stream") for name in FILES}
     data = {"adapter_id": adapter_id, **({"replace": "true"} if replace else {})}
-    return httpx.post(f"{url}/v1/adapters", files=files, data=data, headers=headers, timeout=60)
+    return httpx.post(f"{url}/v1/adapters", files=files, data=data, headers={**AUTH, **(headers or {})},
+                      timeout=60)
 
 
 def complete(url: str, model: str | None = None, max_tokens: int = 12, **extra) -> httpx.Response:
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, **extra}
     if model is not None:
         body["model"] = model
-    return httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    return httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=120)
 
 
 def text_of(r: httpx.Response) -> str:
@@ -106,6 +145,8 @@ def uploaded(topo):
 def test_shipped_configs_pass_their_own_checks(topo, tmp_path):
     """``haproxy -c`` and ``nginx -t`` on the files in deploy/ as shipped (their compose host names
     resolved through a private /etc/hosts), and on the loopback renderings the tests run."""
+    if MODE != "local":
+        pytest.skip("checks the host's nginx and haproxy binaries: local topology only")
     haproxy = subprocess.run([find_binary("haproxy"), "-c", "-f", str(DEPLOY / "haproxy.cfg")],
                              capture_output=True, text=True)
     assert haproxy.returncode == 0, haproxy.stdout + haproxy.stderr
@@ -137,10 +178,14 @@ def test_upload_through_a_balancer_is_usable_on_every_replica_at_once(topo, kind
     assert r.status_code == 201, r.text
     texts = {n: text_of(complete(rep.url, name)) for n, rep in topo["replicas"].items()}  # no wait, no retry
     assert len(set(texts.values())) == 1, texts
-    assert texts["r1"] != text_of(complete(topo["replicas"]["r1"].url))  # the adapter changes the text
+    first = next(iter(topo["replicas"].values()))
+    assert texts[first.name] != text_of(complete(first.url))  # the adapter changes the text
     for rep in topo["replicas"].values():
-        listed = [a["id"] for a in httpx.get(f"{rep.url}/v1/adapters").json()["data"]]
-        assert name in listed
+        assert name in listed(rep.url)
+
+
+def listed(url: str) -> list[str]:
+    return [a["id"] for a in httpx.get(f"{url}/v1/adapters", headers=AUTH).json()["data"]]
 
 
 def served_by(r: httpx.Response) -> str:
@@ -160,8 +205,8 @@ def test_an_adapter_sticks_to_one_replica_whatever_names_it(topo, uploaded, kind
         seen.add(served_by(complete(url, adapter_id=name)))
         body = {"prompt": PROMPT, "max_tokens": 2, "adapter_id": name}
         seen.add(served_by(httpx.post(f"{url}/v1/completions", json=body, timeout=60,
-                                      headers={"Content-Type": "application/json; charset=utf-8"})))
-        seen.add(served_by(httpx.get(f"{url}/v1/adapters/{name}")))
+                                      headers={**AUTH, "Content-Type": "application/json; charset=utf-8"})))
+        seen.add(served_by(httpx.get(f"{url}/v1/adapters/{name}", headers=AUTH)))
         assert len(seen) == 1, (name, seen)
         homes[name] = seen.pop()
     assert len(set(homes.values())) >= 2, homes
@@ -186,7 +231,7 @@ async def _hold_streams(url: str, model: str, n: int) -> list[str]:
     body = {"model": model, "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
             "stream": True}
     answered, everyone = [], asyncio.Event()
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=n)) as client:
+    async with httpx.AsyncClient(timeout=300, headers=AUTH, limits=httpx.Limits(max_connections=n)) as client:
         async def one() -> None:
             async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
                 assert r.status_code == 200
@@ -214,28 +259,28 @@ def test_delete_is_404_on_every_replica_at_once(topo, uploaded):
     assert upload(lb, "doomed", topo["paths"]["a2"]).status_code == 201
     for rep in topo["replicas"].values():
         assert complete(rep.url, "doomed").status_code == 200
-    assert httpx.delete(f"{topo['lb']['haproxy'].url}/v1/adapters/doomed").status_code == 200
+    assert httpx.delete(f"{topo['lb']['haproxy'].url}/v1/adapters/doomed", headers=AUTH).status_code == 200
     for rep in topo["replicas"].values():  # no wait, no retry
         r = complete(rep.url, "doomed")
         assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found", r.text
-        assert httpx.get(f"{rep.url}/v1/adapters/doomed").status_code == 404
-        assert "doomed" not in [a["id"] for a in httpx.get(f"{rep.url}/v1/adapters").json()["data"]]
+        assert httpx.get(f"{rep.url}/v1/adapters/doomed", headers=AUTH).status_code == 404
+        assert "doomed" not in listed(rep.url)
     for lb_ in topo["lb"].values():
         assert complete(lb_.url, "doomed").status_code == 404
 
 
 def running(url: str) -> float:
-    text = httpx.get(f"{url}/metrics").text
+    text = httpx.get(f"{url}/metrics", timeout=30).text
     return next(float(line.split()[-1]) for line in text.splitlines()
                 if line.startswith("lora_server_num_requests_running"))
 
 
-def open_stream(url: str, model: str) -> tuple[httpx.Response, object, str]:
+def open_stream(url: str, model: str, max_tokens: int = LONG) -> tuple[httpx.Response, object, str]:
     """A long greedy stream; returns the response, its line iterator and the first event's text."""
-    body = {"model": model, "prompt": PROMPT, "max_tokens": LONG, "temperature": 0, "ignore_eos": True,
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True}
     response = httpx.Client(timeout=300).send(
-        httpx.Request("POST", f"{url}/v1/completions", json=body), stream=True)
+        httpx.Request("POST", f"{url}/v1/completions", json=body, headers=AUTH), stream=True)
     assert response.status_code == 200, response.read()
     lines = response.iter_lines()
     first = next(line for line in lines if line)
@@ -256,15 +301,16 @@ def finish_stream(lines, first: str) -> tuple[str, str]:
 
 def test_replace_gives_new_text_everywhere_while_an_admitted_stream_finishes_on_the_old(topo):
     lb, replicas = topo["lb"]["haproxy"].url, topo["replicas"]
+    second = list(replicas.values())[1]
     assert upload(lb, "swap", topo["paths"]["swap-v1"]).status_code == 201
-    old_long = text_of(complete(replicas["r2"].url, "swap", max_tokens=LONG))
+    old_long = text_of(complete(second.url, "swap", max_tokens=LONG))
     old = {n: text_of(complete(rep.url, "swap")) for n, rep in replicas.items()}
     assert len(set(old.values())) == 1
-    response, lines, first = open_stream(replicas["r2"].url, "swap")
+    response, lines, first = open_stream(second.url, "swap")
     try:
         r = upload(topo["lb"]["nginx"].url, "swap", topo["paths"]["swap-v2"], replace=True)
         assert r.status_code == 201, r.text
-        assert running(replicas["r2"].url) >= 1, "the stream ended before the replace: nothing was tested"
+        assert running(second.url) >= 1, "the stream ended before the replace: nothing was tested"
         new = {n: text_of(complete(rep.url, "swap")) for n, rep in replicas.items()}  # no wait
         assert len(set(new.values())) == 1 and set(new.values()) != set(old.values()), (old, new)
         full, reason = finish_stream(lines, first)
@@ -278,22 +324,21 @@ def test_sigterm_during_a_stream_through_a_balancer_finishes_it(topo, uploaded):
     response, lines, first = open_stream(lb.url, uploaded[3])
     victim = topo["replicas"][response.headers["x-served-by"]]
     try:
-        victim.proc.terminate()  # SIGTERM: stop accepting, drain
+        victim.terminate()  # SIGTERM: stop accepting, drain
         full, reason = finish_stream(lines, first)
     finally:
         response.close()
     assert reason == "length" and full == text_of(complete(lb.url, uploaded[3], max_tokens=LONG))
-    assert victim.proc.wait(60) == 0
+    assert victim.wait(60) == 0
     for kind, b in topo["lb"].items():  # the balancers route around the stopped replica
         for name in uploaded:
             assert complete(b.url, name, max_tokens=2).status_code == 200, (kind, name)
 
 
 def test_kill_9_of_a_replica_fails_no_request_through_a_balancer(topo, uploaded):
-    alive = [r for r in topo["replicas"].values() if r.proc.poll() is None]
-    victim = alive[0]
-    victim.proc.kill()
-    victim.proc.wait()
+    victim = next(r for r in topo["replicas"].values() if r.alive())
+    victim.kill()
+    victim.wait()
     for kind, b in topo["lb"].items():
         for name in [*uploaded, None]:
             r = complete(b.url, name, max_tokens=2)
@@ -301,13 +346,14 @@ def test_kill_9_of_a_replica_fails_no_request_through_a_balancer(topo, uploaded)
 
 
 def test_a_new_replica_on_the_store_serves_everything_at_once(topo, uploaded):
+    if MODE != "local":
+        pytest.skip("starts a process on the store directory: local topology only")
     fresh = start_replica("r4", topo["tmp"] / "logs", topo["store"],
                           ["--model", str(topo["model_dir"]), *REPLICA_ARGS])
     try:
         fresh.wait_ready()
-        listed = {a["id"] for a in httpx.get(f"{fresh.url}/v1/adapters").json()["data"]}
-        assert set(uploaded) | {"swap", "fresh-nginx", "fresh-haproxy"} == listed
-        survivor = next(r for r in topo["replicas"].values() if r.proc.poll() is None)
+        assert set(uploaded) | {"swap", "fresh-nginx", "fresh-haproxy"} == set(listed(fresh.url))
+        survivor = next(r for r in topo["replicas"].values() if r.alive())
         assert text_of(complete(fresh.url, "swap")) == text_of(complete(survivor.url, "swap"))
     finally:
         assert fresh.stop() == 0
