@@ -50,7 +50,6 @@ class AdapterRef:
     uid: int
     path: Path  # the immutable version directory (store.version_path), never the id's ref
     meta: StoredAdapterMeta
-    key: RefKey | None = None  # the ref file's stamp when this registration was read
     in_flight: int = 0
     requests_served: int = 0
     deleted: bool = False  # replaced or deleted: takes no new requests, dropped after its last one
@@ -114,14 +113,13 @@ class AdapterManager:
             current = self._by_name.get(adapter_id)
             live = record if isinstance(record, StoredAdapterMeta) else None
             if current is not None and current.meta == live:
-                current.key = key
                 return current
             if current is not None:
                 del self._by_name[adapter_id]
                 self._retire(current)
             if live is None:
                 return None
-            ref = AdapterRef(adapter_id, next(self._uids), self.store.version_path(live.version), live, key)
+            ref = AdapterRef(adapter_id, next(self._uids), self.store.version_path(live.version), live)
             self._by_name[adapter_id] = ref
             self._by_uid[ref.uid] = ref
             return ref
