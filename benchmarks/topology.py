@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,18 +55,12 @@ class Replica:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"replica {self.name} exited with {self.proc.returncode}:\n"
-                                   f"{self.log()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"replica {self.name} not ready after {timeout} s:\n{self.log()[-3000:]}")
+        def exited() -> str | None:
+            code = self.proc.poll()
+            return None if code is None else f"replica {self.name} exited with {code}:\n{self.log()[-3000:]}"
+
+        if not wait_ready(self.url, timeout, exited):
+            raise TimeoutError(f"replica {self.name} not ready after {timeout} s:\n{self.log()[-3000:]}")
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -92,16 +87,45 @@ class Replica:
         return self.proc.returncode
 
 
-def start_replica(name: str, workdir: Path, store: Path, args: list[str], threads: int = 1) -> Replica:
-    """Start (don't wait for) a replica named ``name`` on a free port over the store ``store``."""
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies, however it dies
+    (a killed test run or benchmark must not leave servers behind holding gigabytes)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def wait_ready(url: str, timeout: float, failed: Callable[[], str | None] = lambda: None,
+               interval: float = 0.2) -> bool:
+    """Poll ``url``/ready until it answers 200 (True) or ``timeout`` passes (False); ``failed()``
+    returning a message (the server died) raises RuntimeError with it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (message := failed()) is not None:
+            raise RuntimeError(message)
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(interval)
+    return False
+
+
+def start_replica(name: str, workdir: Path, store: Path, args: list[str], threads: int = 1,
+                  env: Mapping[str, str] | None = None) -> Replica:
+    """Start (don't wait for) a replica named ``name`` on a free port over the store ``store``;
+    ``env`` adds to the environment (the default: OpenMP workers spin briefly, as ``make serve``)."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GOMP_SPINCOUNT": "20000"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {"GOMP_SPINCOUNT": "20000"})}
     cmd = [sys.executable, "-m", "server", "--host", LOOPBACK, "--port", str(port), "--threads", str(threads),
            "--adapter-store-dir", str(store), "--replica-id", name, *args]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                preexec_fn=_die_with_parent)
     return Replica(name, port, proc, log_path)
 
 

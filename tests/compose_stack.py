@@ -16,13 +16,10 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
-from benchmarks.topology import LOOPBACK, ROOT, free_port
+from benchmarks.topology import LOOPBACK, ROOT, free_port, wait_ready
 
 PROJECT = "lora-topology-test"
 IMAGE = "lora-server:latest"
@@ -65,6 +62,13 @@ class ContainerReplica:
         out = run([engine(), "inspect", "-f", "{{.State.Running}}", self.container], check=False)
         return out.stdout.strip() == "true"
 
+    def healthy(self) -> bool:
+        """Run the image's HEALTHCHECK now (podman runs none on a timer without systemd)."""
+        if engine() == "podman":
+            return run(["podman", "healthcheck", "run", self.container], check=False).returncode == 0
+        out = run(["docker", "inspect", "-f", "{{.State.Health.Status}}", self.container], check=False)
+        return out.stdout.strip() == "healthy"
+
     def terminate(self) -> None:
         run([engine(), "kill", "--signal", "TERM", self.container])
 
@@ -75,15 +79,8 @@ class ContainerReplica:
         return int(run([engine(), "wait", self.container], timeout=timeout).stdout.split()[0])
 
     def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"{self.container} not ready after {timeout} s")
+        if not wait_ready(self.url, timeout, interval=1):
+            raise TimeoutError(f"{self.container} not ready after {timeout} s")
 
 
 @dataclass

@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+from benchmarks.topology import Replica, start_replica
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -117,74 +119,26 @@ def smollm2_tokenizer_dir(smollm2_hf_tokenizer, tmp_path_factory):
 # --- A real server process on a loopback port (tests/test_api_*.py) ---------------------------
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the test process dies, however it dies (a killed
-    pytest must not leave servers behind holding gigabytes)."""
-    import ctypes
-    import signal
+class ServerProcess(Replica):
+    """``python -m server`` on a free loopback port (benchmarks/topology.py), its output in ``log_path``;
+    it gets SIGTERM if the test process dies, however it dies.
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-class ServerProcess:
-    """``python -m server`` on a free loopback port, its output in ``log_path``.
-
-    One thread and OMP_NUM_THREADS=1: the test machine is shared. ``stop()`` sends SIGTERM (the
-    graceful path) and kills only if the drain takes too long.
+    One thread and OMP_WAIT_POLICY=PASSIVE: the test machine is shared. ``stop()`` sends SIGTERM (the
+    graceful path) and kills only if the drain takes too long; a server that never gets ready fails
+    the test with its log.
     """
 
     def __init__(self, workdir, args) -> None:
-        import socket
-        import subprocess
-        import sys
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = workdir / "server.log"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--threads", "1",
-               "--dtype", "float32", "--adapter-store-dir", str(workdir / "adapters"), *args]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         preexec_fn=_die_with_parent)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        r = start_replica("server", workdir, workdir / "adapters", ["--dtype", "float32", *args],
+                          threads=1, env={"OMP_WAIT_POLICY": "PASSIVE"})
+        super().__init__(r.name, r.port, r.proc, r.log_path)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        import time
-
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        pytest.fail(f"server not ready after {timeout}s:\n{self.log()[-4000:]}")
-
-    def stop(self, timeout: float = 60.0) -> int:
-        import signal
-        import subprocess
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        try:
+            super().wait_ready(timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop()
+            pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")
