@@ -119,9 +119,10 @@ class ComposeStack:
                     "LORA_SERVER_POOL_BYTES": "256MiB"}
         self.override = workdir / "override.yml"
 
-    def _compose(self, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    def _compose(self, *args: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess:
         files = ["-f", str(ROOT / "deploy" / "docker-compose.yml"), "-f", str(self.override)]
-        return run([*compose_command(), "-p", PROJECT, *files, *args], timeout=timeout, env=self.env)
+        return run([*compose_command(), "-p", PROJECT, *files, *args], timeout=timeout, env=self.env,
+                   check=check)
 
     def up(self) -> tuple[dict[str, ContainerReplica], dict[str, ContainerBalancer]]:
         # restart "no": a replica the tests SIGTERM or kill stays down, so its exit code can be read.
@@ -141,7 +142,10 @@ class ComposeStack:
         return replicas, balancers
 
     def logs(self) -> str:
-        return self._compose("logs", timeout=120).stdout[-20000:] if self.override.exists() else ""
+        if not self.override.exists():
+            return ""
+        out = self._compose("logs", timeout=300, check=False)
+        return out.stdout + out.stderr
 
     def down(self) -> None:
         if self.override.exists():
