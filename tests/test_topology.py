@@ -17,8 +17,6 @@ image, SmolLM2, the balancers in containers.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import re
 import subprocess
 from collections import Counter
@@ -32,24 +30,34 @@ from peft import LoraConfig
 from benchmarks.topology import DEPLOY, find_binary, start_balancer, start_replica
 from tests.engine_helpers import tiny_llama_dir
 from tests.peft_helpers import build_adapters
+from tests.topology_client import (
+    AUTH,
+    KEY,
+    LONG,
+    MODE,
+    PROMPT,
+    TIMEOUT,
+    complete,
+    finish_stream,
+    hold_streams,
+    listed,
+    open_stream,
+    running,
+    served_by,
+    text_of,
+    upload,
+)
 
 pytestmark = pytest.mark.slow
 
-MODE = os.environ.get("LORA_TOPOLOGY", "local")  # local | compose
-KEY = "topology-test-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}  # every replica requires it (api and admin key alike)
 BALANCERS = ("nginx", "haproxy")
-PROMPT = [72, 101, 108, 108, 111, 44, 32, 119]  # token ids: the tiny model has a 256-token vocab
-LONG = 1000 if MODE == "local" else 300  # tokens of a stream still running while something else happens
 REPLICA_ARGS = ["--dtype", "float32", "--pool-bytes", "32MiB", "--max-num-seqs", "4",
                 "--max-num-batched-tokens", "256", "--log-level", "warning",
                 "--api-key", KEY, "--admin-key", KEY]
-TIMEOUT = 120 if MODE == "local" else 600  # SmolLM2 on one thread per container is slow when the host is busy
 POLITE = {"OMP_WAIT_POLICY": "PASSIVE"}  # idle OpenMP workers sleep at once: the machine is shared
 ADAPTERS = {f"a{i}": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) for i in range(8)}
 ADAPTERS |= {"swap-v1": LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"]),
              "swap-v2": LoraConfig(r=4, lora_alpha=16, target_modules=["v_proj", "down_proj"])}
-FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def _missing_binaries() -> list[str]:
@@ -116,26 +124,6 @@ def _compose_topology(tmp: Path):
         stack.down()
 
 
-def upload(url: str, adapter_id: str, directory: Path, replace: bool = False,
-           headers: dict[str, str] | None = None) -> httpx.Response:
-    files = {name: (name, (directory / name).read_bytes(), "application/octet-stream") for name in FILES}
-    data = {"adapter_id": adapter_id, **({"replace": "true"} if replace else {})}
-    return httpx.post(f"{url}/v1/adapters", files=files, data=data, headers={**AUTH, **(headers or {})},
-                      timeout=TIMEOUT)
-
-
-def complete(url: str, model: str | None = None, max_tokens: int = 12, **extra) -> httpx.Response:
-    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, **extra}
-    if model is not None:
-        body["model"] = model
-    return httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=TIMEOUT)
-
-
-def text_of(r: httpx.Response) -> str:
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["text"]
-
-
 @pytest.fixture(scope="module")
 def uploaded(topo):
     """a0..a7 uploaded once, through haproxy."""
@@ -199,15 +187,6 @@ def test_upload_through_a_balancer_is_usable_on_every_replica_at_once(topo, kind
         assert name in listed(rep.url)
 
 
-def listed(url: str) -> list[str]:
-    return [a["id"] for a in httpx.get(f"{url}/v1/adapters", headers=AUTH).json()["data"]]
-
-
-def served_by(r: httpx.Response) -> str:
-    assert r.status_code == 200, r.text
-    return r.headers["x-served-by"]
-
-
 @pytest.mark.parametrize("kind", BALANCERS)
 def test_an_adapter_sticks_to_one_replica_whatever_names_it(topo, uploaded, kind):
     """Sequential requests (even load): the same replica for an adapter, whether the id comes in the
@@ -240,33 +219,13 @@ def test_a_big_body_is_still_routed_by_its_content(topo, uploaded):
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "payload_too_large"
 
 
-async def _hold_streams(url: str, model: str, n: int) -> list[str]:
-    """Send ``n`` streams for ``model`` at once and return the replica of each; every stream stays
-    open until all have answered, so the balancer routes each while the others are in flight."""
-    body = {"model": model, "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
-            "stream": True}
-    answered, everyone = [], asyncio.Event()
-    limits = httpx.Limits(max_connections=n)
-    async with httpx.AsyncClient(timeout=TIMEOUT, headers=AUTH, limits=limits) as client:
-        async def one() -> None:
-            async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-                assert r.status_code == 200
-                answered.append(r.headers["x-served-by"])
-                if len(answered) == n:
-                    everyone.set()
-                await everyone.wait()
-
-        await asyncio.gather(*(one() for _ in range(n)))
-    return answered
-
-
 def test_a_hot_adapter_spills_under_bounded_load(topo, uploaded):
     """12 concurrent streams for one adapter: haproxy (hash-balance-factor 150) sends the ones above
     1.5x the average load to other replicas; nginx (consistent hash, no bound) keeps all on one."""
-    spread = asyncio.run(_hold_streams(topo["lb"]["haproxy"].url, uploaded[1], 12))
+    spread = asyncio.run(hold_streams(topo["lb"]["haproxy"].url, uploaded[1], 12))
     assert len(spread) == 12 and len(set(spread)) >= 2, Counter(spread)
     assert max(Counter(spread).values()) <= 8, Counter(spread)
-    piled = asyncio.run(_hold_streams(topo["lb"]["nginx"].url, uploaded[1], 12))
+    piled = asyncio.run(hold_streams(topo["lb"]["nginx"].url, uploaded[1], 12))
     assert len(piled) == 12 and len(set(piled)) == 1, Counter(piled)
 
 
@@ -283,36 +242,6 @@ def test_delete_is_404_on_every_replica_at_once(topo, uploaded):
         assert "doomed" not in listed(rep.url)
     for lb_ in topo["lb"].values():
         assert complete(lb_.url, "doomed").status_code == 404
-
-
-def running(url: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return next(float(line.split()[-1]) for line in text.splitlines()
-                if line.startswith("lora_server_num_requests_running"))
-
-
-def open_stream(url: str, model: str, max_tokens: int = LONG) -> tuple[httpx.Response, object, str]:
-    """A long greedy stream; returns the response, its line iterator and the first event's text."""
-    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True}
-    response = httpx.Client(timeout=TIMEOUT).send(
-        httpx.Request("POST", f"{url}/v1/completions", json=body, headers=AUTH), stream=True)
-    assert response.status_code == 200, response.read()
-    lines = response.iter_lines()
-    first = next(line for line in lines if line)
-    return response, lines, json.loads(first.removeprefix("data: "))["choices"][0]["text"]
-
-
-def finish_stream(lines, first: str) -> tuple[str, str]:
-    """Read a stream to its end: (full text, finish reason)."""
-    texts, reason = [first], None
-    for line in lines:
-        if not line or line == "data: [DONE]":
-            continue
-        choice = json.loads(line.removeprefix("data: "))["choices"][0]
-        texts.append(choice["text"])
-        reason = choice["finish_reason"] or reason
-    return "".join(texts), reason
 
 
 def test_replace_gives_new_text_everywhere_while_an_admitted_stream_finishes_on_the_old(topo):
