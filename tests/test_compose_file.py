@@ -53,6 +53,18 @@ def test_image_is_non_root_with_a_healthcheck_and_an_overridable_torch_source():
         "pyproject.toml", "README.md", "server", "kernels", "adapter_store"}
 
 
+def test_the_python_the_dockerfile_runs_imports():
+    """The build runs ``python -c "from <module> import <name>; ..."`` steps: they must name real code
+    (a module moved in the source breaks the image build, not any other test)."""
+    import importlib
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    imports = re.findall(r'python -c "from ([\w.]+) import (\w+)', dockerfile)
+    assert imports, "the Dockerfile prebuilds the CPU kernel"
+    for module, name in imports:
+        assert callable(getattr(importlib.import_module(module), name)), (module, name)
+
+
 def test_triton_is_an_extra_not_a_dependency():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
