@@ -237,12 +237,14 @@ def test_invalid_ids(tmp_path, adapter_dir, bad):
     assert entries(store.root / "refs") == [] and leftovers(store) == []
 
 
-@pytest.mark.parametrize("good", ["a", "Llama-3_math.v2", "x" * 128, "0", "versions", "store.json"])
+@pytest.mark.parametrize("good", ["a", "Llama-3_math.v2", "x" * 128, "0", "versions", "store.json",
+                                  "acme:support-bot"])
 def test_valid_ids(tmp_path, adapter_dir, good):
     store = AdapterStore(tmp_path / "store")
-    store.put(good, adapter_dir)
+    meta = store.put(good, adapter_dir)
+    assert meta.tenant == (good.split(":")[0] if ":" in good else None)  # adapter_store/tenancy.py
     assert [m.adapter_id for m in store.list()] == [good]
-    assert [m.adapter_id for m in AdapterStore(tmp_path / "store").list()] == [good]
+    assert AdapterStore(tmp_path / "store").list() == [meta]
 
 
 # ---- host cache ----------------------------------------------------------------------------------

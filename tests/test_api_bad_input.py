@@ -10,7 +10,6 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -18,6 +17,7 @@ import httpx
 import pytest
 
 from tests.api_helpers import BASE, FILES, upload, write_adapter
+from tests.store_helpers import stored_files as snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +41,6 @@ def server(api_server_factory, tmp_path_factory):
     yield s
     s.stop()  # its memory and CPU go back to the rest of the suite
 
-
-def snapshot(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @dataclass

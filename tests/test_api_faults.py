@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tests.api_helpers import metric, upload, wait_until, write_adapter
+from tests.store_helpers import weights_file
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def server(api_server_factory, tmp_path_factory):
 
 
 def weights(server, name: str) -> Path:
-    return server.store_dir / name / "adapter_model.safetensors"
+    return weights_file(server.store_dir, name)
 
 
 def complete(url: str, timeout: float = 120, **fields) -> httpx.Response:

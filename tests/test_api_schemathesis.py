@@ -14,13 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.store_helpers import stored_files as snapshot
+
 pytestmark = pytest.mark.slow
 
 BUDGET_SECONDS = 60
 
-
-def snapshot(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_schemathesis_finds_no_server_error(api_server_factory, tmp_path):

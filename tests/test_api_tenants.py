@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from tests.api_helpers import BASE, metric, metrics, upload, wait_until, write_adapter
+from tests.store_helpers import stored_files as snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -116,9 +117,6 @@ def test_keys_and_roles(server, adapters):
         "bot", "by-root"]
     assert httpx.delete(f"{server.url}/v1/adapters/globex:by-root", headers=auth(ROOT)).status_code == 200
 
-
-def snapshot(root) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_storage_quota(server, adapters):
