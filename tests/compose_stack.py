@@ -115,10 +115,12 @@ def build_images() -> None:
 
 
 class ComposeStack:
-    def __init__(self, workdir: Path, api_key: str) -> None:
+    def __init__(self, workdir: Path, admin_key: str) -> None:
         self.workdir = workdir
         self.ports = {name: free_port() for name in (*REPLICAS, "haproxy", "nginx")}
-        self.env = {**os.environ, "LORA_SERVER_API_KEY": api_key, "LORA_SERVER_ADMIN_KEY": api_key,
+        # The compose file wants both keys (they must differ); the tests use the admin key.
+        self.env = {**os.environ, "LORA_SERVER_API_KEY": f"{admin_key}-inference",
+                    "LORA_SERVER_ADMIN_KEY": admin_key,
                     "LORA_LB_ADDR": LOOPBACK, "LORA_LB_PORT": str(self.ports["haproxy"]),
                     "LORA_NGINX_PORT": str(self.ports["nginx"]), "LORA_SERVER_THREADS": "1",
                     "LORA_SERVER_POOL_BYTES": "256MiB"}

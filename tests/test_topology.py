@@ -53,7 +53,7 @@ pytestmark = pytest.mark.slow
 BALANCERS = ("nginx", "haproxy")
 REPLICA_ARGS = ["--dtype", "float32", "--pool-bytes", "32MiB", "--max-num-seqs", "4",
                 "--max-num-batched-tokens", "256", "--log-level", "warning",
-                "--api-key", KEY, "--admin-key", KEY]
+                "--api-key", KEY]  # alone, the api key is an admin key: it may upload and delete too
 POLITE = {"OMP_WAIT_POLICY": "PASSIVE"}  # idle OpenMP workers sleep at once: the machine is shared
 ADAPTERS = {f"a{i}": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) for i in range(8)}
 ADAPTERS |= {"swap-v1": LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"]),

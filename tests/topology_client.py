@@ -13,7 +13,7 @@ import httpx
 
 MODE = os.environ.get("LORA_TOPOLOGY", "local")  # local | compose
 KEY = "topology-test-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}  # every replica requires it (api and admin key alike)
+AUTH = {"Authorization": f"Bearer {KEY}"}  # every replica requires it: an admin key
 PROMPT = [72, 101, 108, 108, 111, 44, 32, 119]  # token ids: the tiny model has a 256-token vocab
 LONG = 1000 if MODE == "local" else 300  # tokens of a stream still running while something else happens
 TIMEOUT = 120 if MODE == "local" else 600  # SmolLM2 on one thread per container is slow when the host is busy
