@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.topology import LOOPBACK, ROOT, free_port, wait_ready
+from tests.topology_client import TIMEOUT
 
 PROJECT = "lora-topology-test"
 IMAGE = "lora-server:latest"
@@ -133,9 +134,13 @@ class ComposeStack:
 
     def up(self) -> tuple[dict[str, ContainerReplica], dict[str, ContainerBalancer]]:
         # restart "no": a replica the tests SIGTERM or kill stays down, so its exit code can be read.
+        # The drain timeout is the tests' patience (topology_client.TIMEOUT), not the shipped 30 s:
+        # SmolLM2 on one thread of a busy host can take longer than that to finish the stream that
+        # the SIGTERM test expects to end whole (no SIGKILL follows a `kill --signal TERM`).
+        env = {"LORA_SERVER_MAX_NUM_SEQS": "4", "LORA_SERVER_DRAIN_TIMEOUT": str(TIMEOUT)}
         services = {name: {"container_name": f"{PROJECT}-{name}", "restart": "no",
                            "ports": [f"{LOOPBACK}:{self.ports[name]}:8000"],
-                           "environment": {"LORA_SERVER_MAX_NUM_SEQS": "4"}} for name in REPLICAS}
+                           "environment": env} for name in REPLICAS}
         services |= {lb: {"container_name": f"{PROJECT}-{lb}"} for lb in ("haproxy", "nginx")}
         self.override.write_text(json.dumps({"services": services}, indent=1))  # JSON is YAML
         self.down()
