@@ -15,7 +15,9 @@ decode, page counts, masks) is computed once per step and cached on the ``AttnMe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,7 @@ class _DecodePlan:
 
 
 @dataclass(frozen=True)
-class _PrefillPlan:
+class PrefillPlan:
     seq: int
     q_start: int
     q_end: int
@@ -44,7 +46,10 @@ class _CpuPlan:
     block_size: int
     dtype: torch.dtype
     decode: _DecodePlan | None
-    prefills: tuple[_PrefillPlan, ...]
+    prefills: tuple[PrefillPlan, ...]
+
+
+PlanT = TypeVar("PlanT")
 
 
 @dataclass
@@ -67,34 +72,47 @@ class AttnMeta:
     max_ctx_len: int
     host_cu_q_lens: tuple[int, ...]
     host_ctx_lens: tuple[int, ...]
-    _cpu_plan: _CpuPlan | None = field(default=None, init=False, repr=False, compare=False)
+    _plans: dict[object, object] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
         return len(self.host_ctx_lens)
+
+    def cached(self, key: object, build: Callable[[], PlanT]) -> PlanT:
+        """A layer-independent plan of an attention op: built on first use, reused by every layer."""
+        if key not in self._plans:
+            self._plans[key] = build()
+        return self._plans[key]  # type: ignore[return-value]
 
     def cpu_plan(self, block_size: int, dtype: torch.dtype) -> _CpuPlan:
         """Layer-independent gather plan of the torch path, computed on first use and cached.
 
         Masks are additive in the query dtype: SDPA converts a boolean mask on every call.
         """
-        plan = self._cpu_plan
-        if plan is None or plan.block_size != block_size or plan.dtype != dtype:
-            plan = _build_cpu_plan(self.host_cu_q_lens, self.host_ctx_lens, block_size, dtype,
-                                   self.ctx_lens.device)
-            self._cpu_plan = plan
-        return plan
+        return self.cached(("torch", block_size, dtype), lambda: _build_cpu_plan(
+            self.host_cu_q_lens, self.host_ctx_lens, block_size, dtype, self.ctx_lens.device))
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, -torch.inf)
 
 
+def prefill_plan(seq: int, q_start: int, q_end: int, ctx_len: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device) -> PrefillPlan:
+    """One chunk's gather plan; its causal mask is additive in ``dtype`` (None when plain causal)."""
+    q_len = q_end - q_start
+    mask = None
+    if ctx_len != q_len:
+        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)
+        mask = _additive(torch.arange(ctx_len, device=device)[None, :] <= q_pos[:, None], dtype)
+    return PrefillPlan(seq, q_start, q_end, ctx_len, -(-ctx_len // block_size), mask)
+
+
 def _build_cpu_plan(cu_q: tuple[int, ...], ctx: tuple[int, ...], block_size: int, dtype: torch.dtype,
                     device: torch.device) -> _CpuPlan:
     dec_rows: list[int] = []
     dec_seqs: list[int] = []
-    prefills: list[_PrefillPlan] = []
+    prefills: list[PrefillPlan] = []
     for s, ctx_len in enumerate(ctx):
         q0, q1 = cu_q[s], cu_q[s + 1]
         q_len = q1 - q0
@@ -102,12 +120,7 @@ def _build_cpu_plan(cu_q: tuple[int, ...], ctx: tuple[int, ...], block_size: int
             dec_rows.append(q0)
             dec_seqs.append(s)
         elif q_len > 1:
-            mask = None
-            if ctx_len != q_len:
-                q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)
-                mask = _additive(torch.arange(ctx_len, device=device)[None, :] <= q_pos[:, None], dtype)
-            nblk = -(-ctx_len // block_size)
-            prefills.append(_PrefillPlan(s, q0, q1, ctx_len, nblk, mask))
+            prefills.append(prefill_plan(s, q0, q1, ctx_len, block_size, dtype, device))
     decode = None
     if dec_rows:
         dec_ctx = torch.tensor([ctx[s] for s in dec_seqs], device=device)
@@ -162,8 +175,8 @@ def _decode_attention(q: torch.Tensor, kv_pages: torch.Tensor, block_table: torc
     return out.reshape(sd, h, d)
 
 
-def _prefill_attention(q: torch.Tensor, kv_pages: torch.Tensor, block_table: torch.Tensor,
-                       plan: _PrefillPlan, scale: float) -> torch.Tensor:
+def prefill_attention(q: torch.Tensor, kv_pages: torch.Tensor, block_table: torch.Tensor,
+                       plan: PrefillPlan, scale: float) -> torch.Tensor:
     """One prefill chunk: returns [q_len, H, D] for rows ``q_start:q_end`` of q."""
     k, v = _gather_blocks(kv_pages, block_table[plan.seq, : plan.num_blocks])
     k = k[: plan.ctx_len].transpose(0, 1)  # [KVH, ctx, D]
@@ -192,5 +205,5 @@ def paged_attention_ref(q: torch.Tensor, kv_pages: torch.Tensor, meta: AttnMeta,
     if plan.decode is not None:
         out.index_copy_(0, plan.decode.rows, _decode_attention(q, kv_pages, block_table, plan.decode, scale))
     for p in plan.prefills:
-        out[p.q_start : p.q_end] = _prefill_attention(q, kv_pages, block_table, p, scale)
+        out[p.q_start : p.q_end] = prefill_attention(q, kv_pages, block_table, p, scale)
     return out

@@ -1,11 +1,12 @@
-"""Building and loading the CPU LoRA kernel (``kernels/lora_native.c``; used by kernels/lora_native.py).
+"""Building and loading the CPU C kernels: LoRA (``kernels/lora_native.c``, used by kernels/lora_native.py)
+and the base model's fused ops (``kernels/model_native.c``, used by kernels/model_native.py).
 
-The C source is compiled on first use with the system C compiler into a per-user cache
-(``$LORA_SERVER_KERNEL_CACHE``, default ``~/.cache/lora-server/kernels``), keyed by a hash of the
-source, the flags and the compiler, and loaded with ctypes. It links OpenMP by soname
-(``libgomp.so.1``), so it shares the thread pool torch has already loaded instead of starting a
-second one that would spin against it on a small machine. Without a compiler ``available()`` is
-False and the engine keeps the torch backend (``kernels/lora_torch.py``).
+The C sources are compiled on first use, into one shared library, with the system C compiler into a per-
+user cache (``$LORA_SERVER_KERNEL_CACHE``, default ``~/.cache/lora-server/kernels``), keyed by a hash of
+the sources, the flags and the compiler, and loaded with ctypes. It links OpenMP by soname
+(``libgomp.so.1``), so it shares the thread pool torch has already loaded instead of starting a second
+one that would spin against it on a small machine. Without a compiler ``available()`` is False and the
+engine keeps the torch backends (``kernels/lora_torch.py``, the references of the model ops).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("lora_native.c")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("lora_native.c", "model_native.c"))
 # Reassociation lets the compiler vectorize the dot products; NaN/inf semantics are kept.
 BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fassociative-math",
               "-fno-signed-zeros", "-fno-trapping-math", "-ffp-contract=fast")
@@ -42,11 +43,16 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+# (compiler flag, /proc/cpuinfo flag): AVX-512 (F/BW/VL) widens the kernels' vectors to 16 floats.
+ISA_FLAGS = (("-mavx2", "avx2"), ("-mfma", "fma"), ("-mf16c", "f16c"), ("-mavx512f", "avx512f"),
+             ("-mavx512bw", "avx512bw"), ("-mavx512vl", "avx512vl"))
+
+
 def _flags() -> tuple[str, ...]:
     """Base flags plus the vector extensions this CPU has (never -march=native: a cached build
     must not use instructions another machine sharing the cache lacks; the key includes these)."""
     cpu = _cpu_flags()
-    extra = tuple(f for f, need in (("-mavx2", "avx2"), ("-mfma", "fma"), ("-mf16c", "f16c")) if need in cpu)
+    extra = tuple(f for f, need in ISA_FLAGS if need in cpu)
     return BASE_FLAGS + extra
 
 
@@ -66,21 +72,39 @@ def build(cache_dir: Path | None = None) -> Path:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     flags = _flags()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version]).encode()).hexdigest()[:16]
+    texts = [src.read_text() for src in SOURCES]
+    key = hashlib.sha256("\0".join([*texts, *flags, version]).encode()).hexdigest()[:16]
     out_dir = cache_dir or _cache_dir()
-    lib = out_dir / f"lora_native-{key}.so"
+    lib = out_dir / f"lora_server_kernels-{key}.so"
     if lib.is_file():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         tmp_lib = Path(tmp) / lib.name
-        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp_lib)], capture_output=True, text=True,
-                              check=False)
+        cmd = [cc, *flags, *map(str, SOURCES), "-o", str(tmp_lib), "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr.strip()}")
+            raise RuntimeError(f"compiling the CPU kernels failed:\n{proc.stderr.strip()}")
         os.replace(tmp_lib, lib)  # atomic: concurrent builders each install a whole file
-    log.info("built the CPU LoRA kernel: %s", lib)
+    log.info("built the CPU kernels: %s", lib)
     return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """Argument and return types of every exported function (ctypes would guess int otherwise)."""
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    sigs = {
+        "lora_group": (i32, [i32, p, p, i64, p, i64, i64, i64, p, p, i64, i64, p, p, p, i32]),
+        "copy_rows": (None, [p, i64, p, p, p, i32]),
+        "add_rms_norm": (i32, [i32, p, i64, p, i64, p, p, i64, i64, i64, f32, i32]),
+        "silu_mul": (i32, [i32, p, i64, p, i64, i64, i64, i32]),
+        "rope_store_kv": (i32, [i32, p, i64, i64, i64, i64, i64, p, p, p, p, p, i64, i32]),
+        "paged_attention": (i32, [i32, p, i64, p, i64, p, p, i64, p, p, p, i64, i64, i64, i64, i64, f32,
+                                  i32]),
+    }
+    for name, (restype, argtypes) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
 
 
 def library() -> ctypes.CDLL | None:
@@ -90,17 +114,11 @@ def library() -> ctypes.CDLL | None:
         if _lib is None and _failed is None:
             try:
                 lib = ctypes.CDLL(str(build()))
-                fn = lib.lora_group
-                fn.restype = ctypes.c_int
-                p, i64 = ctypes.c_void_p, ctypes.c_int64
-                fn.argtypes = [ctypes.c_int, p, p, i64, p, i64, i64, i64, p, p, i64, i64, p, p, p,
-                               ctypes.c_int]
-                lib.copy_rows.restype = None
-                lib.copy_rows.argtypes = [p, i64, p, p, p, ctypes.c_int]
+                _declare(lib)
                 _lib = lib
             except (OSError, RuntimeError) as e:
                 _failed = str(e)
-                log.warning("CPU LoRA kernel unavailable, using the torch path: %s", e)
+                log.warning("CPU C kernels unavailable, using the torch paths: %s", e)
         return _lib
 
 

@@ -28,7 +28,8 @@ class EngineConfig:
     max_lora_rank: int = 256
     max_adapters_per_step: int | None = None  # cap on distinct adapters in one step
     num_threads: int | None = None  # torch intra-op threads; None = all cores
-    kernel_backend: str | None = None  # torch | triton; None = triton on CUDA, torch elsewhere
+    kernel_backend: str | None = None  # torch | native | triton; None = triton on CUDA, native (fused
+    # C ops) on a CPU where they build, else torch
     lora_backend: str | None = None  # torch | native | triton; None = triton with the Triton
     # backend, else native (C kernel) on CPU when it builds, else torch
     enable_prefix_caching: bool = True  # reuse cached KV of repeated prefixes, per adapter version
@@ -40,8 +41,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.kernel_backend not in (None, "torch", "triton"):
-            raise ValueError(f"kernel_backend must be torch or triton, got {self.kernel_backend!r}")
+        if self.kernel_backend not in (None, "torch", "native", "triton"):
+            raise ValueError(f"kernel_backend must be torch, native or triton, got {self.kernel_backend!r}")
         if self.lora_backend not in (None, "torch", "native", "triton"):
             raise ValueError(f"lora_backend must be torch, native or triton, got {self.lora_backend!r}")
         positive = ("pool_bytes", "block_size", "max_num_seqs", "max_num_batched_tokens",

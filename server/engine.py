@@ -84,7 +84,7 @@ class LLMEngine:
             raise ValueError(f"pool_bytes={config.pool_bytes} holds {num_pages} pages; "
                              f"need at least {mc.num_layers}")
         self.pool = PagePool(num_pages)
-        backend = select_backend(device, config.kernel_backend)
+        backend = select_backend(device, config.kernel_backend, dtype)
         self.runner = ModelRunner(mc, loaded.weights, self.layout, num_pages, backend, self.max_model_len,
                                   seed=config.seed, lora_backend=config.lora_backend,
                                   prepack=config.prepack_weights)

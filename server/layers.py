@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """The residual add then the next norm: ``h += delta`` in place (HF: ``residual + hidden``, same
+    rounding), then ``rms_norm(h, weight, eps)`` as a new tensor."""
+    if delta is not None:
+        h.add_(delta)
+    return rms_norm(h, weight, eps)
+
+
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """Rotary inverse frequencies ``[head_dim // 2]`` in fp32, with llama3 scaling if configured."""
     d = config.head_dim
@@ -70,6 +81,27 @@ def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+@dataclass
+class RopeTables:
+    """One step's rotary inputs: positions ``[T]`` (int32) and the fp32 tables ``[max_positions, D]``.
+    The C op reads the tables by position; the reference takes per-row cos/sin (looked up once per
+    step, on first use, in the model dtype)."""
+
+    positions: torch.Tensor
+    cos_table: torch.Tensor
+    sin_table: torch.Tensor
+    dtype: torch.dtype
+    _rows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[T, 1, D]`` in the model dtype, for broadcasting over heads."""
+        if self._rows is None:
+            pos = self.positions
+            self._rows = (self.cos_table[pos].to(self.dtype)[:, None, :],
+                          self.sin_table[pos].to(self.dtype)[:, None, :])
+        return self._rows
+
+
 class RotaryCache:
     """cos/sin tables ``[max_positions, head_dim]`` (fp32), looked up once per step by position."""
 
@@ -85,12 +117,34 @@ class RotaryCache:
         """cos, sin ``[T, 1, head_dim]`` for broadcasting over heads."""
         return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
 
+    def for_step(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+        return RopeTables(positions, self.cos, self.sin, dtype)
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x * cos + rotate_half(x) * sin`` for ``x: [T, heads, head_dim]`` (HF's half-split layout)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rope_store_kv_with(store_kv: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+                       ) -> Callable[..., torch.Tensor]:
+    """The reference of the fused RoPE + KV store op over a backend's ``store_kv``."""
+
+    def rope_store_kv(qkv: torch.Tensor, rope: RopeTables, kv_pages: torch.Tensor, slot_mapping: torch.Tensor,
+                      num_heads: int, num_kv_heads: int) -> torch.Tensor:
+        """RoPE on the q and k heads of ``qkv [T, (H + 2 KVH) D]``; K (roped) and V into their slots
+        (``store_kv``'s semantics); returns the roped ``q [T, H, D]``."""
+        t, d = qkv.shape[0], kv_pages.shape[-1]
+        qs, kvs = num_heads * d, num_kv_heads * d
+        cos, sin = rope.rows()
+        q = apply_rope(qkv[:, :qs].view(t, num_heads, d), cos, sin)
+        k = apply_rope(qkv[:, qs : qs + kvs].view(t, num_kv_heads, d), cos, sin)
+        store_kv(kv_pages, k, qkv[:, qs + kvs :].view(t, num_kv_heads, d), slot_mapping)
+        return q
+
+    return rope_store_kv
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

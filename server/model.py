@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from server.layers import Linear, RotaryCache, apply_rope, rms_norm, swiglu
+from server.layers import Linear, RopeTables, RotaryCache
 from server.model_config import ModelConfig
 
 if TYPE_CHECKING:
@@ -67,32 +67,29 @@ class LlamaModel:
         input_ids, positions: ``[T]``; kv_pages: ``[num_pages, 2, block_size, kv_heads, head_dim]``
         (a view of the arena); the step's K/V are written to the pages before attention reads them.
         """
-        cfg = self.config
-        h = self.embed[input_ids]
-        cos, sin = self.rotary.lookup(positions, h.dtype)
+        eps, ops = self.config.rms_norm_eps, self.backend
+        h = self.embed[input_ids]  # the residual stream, updated in place
+        rope = self.rotary.for_step(positions, h.dtype)
+        x = ops.rms_norm(h, self.layers[0].input_norm, eps)
         for i, lw in enumerate(self.layers):
-            x = rms_norm(h, lw.input_norm, cfg.rms_norm_eps)
-            h = h + self._attention(i, lw, x, cos, sin, attn, kv_pages, lora)
-            x = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
-            h = h + self._mlp(i, lw, x, lora)
-        h = rms_norm(h[sample_rows], self.final_norm, cfg.rms_norm_eps)
+            x = ops.add_rms_norm(h, self._attention(i, lw, x, rope, attn, kv_pages, lora), lw.post_norm, eps)
+            out = self._mlp(i, lw, x, lora)
+            if i + 1 < len(self.layers):  # the residual add fused with the next layer's input norm
+                x = ops.add_rms_norm(h, out, self.layers[i + 1].input_norm, eps)
+            else:
+                h.add_(out)
+        h = ops.rms_norm(h[sample_rows], self.final_norm, eps)
         return self.lm_head(h).float()
 
-    def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   attn: AttnMeta, kv_pages: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
+    def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, rope: RopeTables, attn: AttnMeta,
+                   kv_pages: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
         cfg = self.config
-        t = x.shape[0]
-        qs, kvs = cfg.q_size, cfg.kv_size
         qkv = lw.qkv(x)
         if lora is not None:
             lora.apply(i, self.qkv_lora, x, qkv)
-        q = qkv[:, :qs].view(t, cfg.num_heads, cfg.head_dim)
-        k = qkv[:, qs : qs + kvs].view(t, cfg.num_kv_heads, cfg.head_dim)
-        v = qkv[:, qs + kvs :].view(t, cfg.num_kv_heads, cfg.head_dim)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        self.backend.store_kv(kv_pages, k, v, attn.slot_mapping[i])
-        o = self.backend.paged_attention(q, kv_pages, attn, i, self.scale).reshape(t, qs)
+        q = self.backend.rope_store_kv(qkv, rope, kv_pages, attn.slot_mapping[i], cfg.num_heads,
+                                       cfg.num_kv_heads)
+        o = self.backend.paged_attention(q, kv_pages, attn, i, self.scale).reshape(x.shape[0], cfg.q_size)
         out = lw.o(o)
         if lora is not None:
             lora.apply(i, self.o_lora, o, out)
@@ -102,7 +99,7 @@ class LlamaModel:
         gate_up = lw.gate_up(x)
         if lora is not None:
             lora.apply(i, self.gate_up_lora, x, gate_up)
-        a = swiglu(gate_up)
+        a = self.backend.silu_mul(gate_up)
         out = lw.down(a)
         if lora is not None:
             lora.apply(i, self.down_lora, a, out)

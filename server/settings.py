@@ -76,8 +76,9 @@ class ServerSettings(BaseSettings):
         gt=0,
         description="CPU threads for torch and OpenMP. Unset: every core this process may use.",
     )
-    kernel_backend: Literal["torch", "triton"] | None = Field(
-        None, description="Kernel backend. Unset: triton on CUDA, torch elsewhere."
+    kernel_backend: Literal["torch", "native", "triton"] | None = Field(
+        None, description="Kernels of attention, RoPE, norms and SiLU. Unset: triton on CUDA, native "
+        "(fused C ops) on a CPU where a C compiler can build them, else torch (the references)."
     )
     lora_backend: Literal["torch", "native", "triton"] | None = Field(
         None, description="LoRA kernel. Unset: triton with the Triton backend, else the C kernel "

@@ -150,8 +150,8 @@ def test_store_kv_casts_into_arena_dtype_through_a_view() -> None:
     torch.testing.assert_close(arena.view(3, 2, 4, 2, 8)[0, 0, 1], k[1].bfloat16(), rtol=0, atol=0)
 
 
-def test_cpu_backend_is_the_reference() -> None:
-    backend = select_backend(torch.device("cpu"))
+def test_torch_backend_is_the_reference() -> None:
+    backend = select_backend(torch.device("cpu"), "torch")
     assert backend.name == "torch"
     assert backend.store_kv is store_kv_ref and backend.paged_attention is paged_attention_ref
     with pytest.raises(ValueError, match="unknown kernel backend"):
