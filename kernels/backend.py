@@ -2,8 +2,8 @@
 
 ``select_backend`` picks the model's non-GEMM ops (attention, KV store, RoPE, norms, SiLU): the fused C
 ops on CPU when they build (``native``), Triton attention on CUDA, else the torch references, and holds
-them as plain function attributes, so the hot path calls ``backend.paged_attention(...)`` with no per-
-call branching. ``select_lora_backend`` returns the ``LoraBackend`` object (kernels/lora_backend.py) the
+them as plain function attributes, so the hot path calls ``backend.paged_attention(...)`` with no
+per-call branching. ``select_lora_backend`` returns the ``LoraBackend`` object (kernels/lora_backend.py) the
 runner holds. The Triton modules are imported here, lazily, and only when asked for: the package must
 import on machines where triton cannot run.
 """
