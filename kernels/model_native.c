@@ -28,10 +28,37 @@ static inline vf vload(const float *p) {
     return v;
 }
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+/* Horizontal sum as a tree of halving adds (a chain of VW dependent adds would be ~4x slower). */
 static inline float vsum(vf v) {
-    float s = 0.f;
-    for (int i = 0; i < VW; i++) s += v[i];
-    return s;
+#if VW == 16
+    vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    vf8 a = v;
+#endif
+    vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* exp(x) for x <= 88 (Cephes' expf: x = k ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r,
+ * times 2^k; ~1 ulp), written so that loops over it vectorize; x < -87 gives ~1e-38, not 0. */
+static inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float k = __builtin_roundf(x * 1.44269504088896341f);
+    const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
 }
 
 static inline float bf2f(uint16_t h) {
@@ -245,15 +272,15 @@ int paged_attention(int bf16, const void *q, int64_t ldq, void *out, int64_t ldo
                             for (int64_t h = 0; h < G; h++) sc[h * bs + t] = dot(qv + h * D, k, D) * scale;
                         }
                         for (int64_t h = 0; h < G; h++) {
-                            float mx = m[h];
-                            for (int64_t t = 0; t < n; t++) mx = sc[h * bs + t] > mx ? sc[h * bs + t] : mx;
-                            const float corr = expf(m[h] - mx);
-                            float sum = l[h] * corr;
+                            float mx = m[h], sum = 0.f, *e = sc + h * bs;
+                            for (int64_t t = 0; t < n; t++) mx = e[t] > mx ? e[t] : mx;
+                            const float corr = exp_approx(m[h] - mx); /* ~0 on the first block */
+#pragma omp simd reduction(+ : sum)
                             for (int64_t t = 0; t < n; t++) {
-                                sc[h * bs + t] = expf(sc[h * bs + t] - mx);
-                                sum += sc[h * bs + t];
+                                e[t] = exp_approx(e[t] - mx);
+                                sum += e[t];
                             }
-                            m[h] = mx, l[h] = sum;
+                            m[h] = mx, l[h] = l[h] * corr + sum;
                             float *a = acc + h * D;
                             for (int64_t d = 0; d < D; d++) a[d] *= corr;
                         }

@@ -6,6 +6,10 @@ packed into one int32 buffer and uploaded with one copy (kernels/step_buffer.py)
 views of that buffer and creates no tensor from Python data. Chunks are ordered by adapter so that
 each adapter's tokens form one contiguous LoRA segment (the order of rows within a step has no
 effect on results).
+
+Block tables are kept across steps as numpy arrays per request (``BlockTables``): a running
+request's table only grows by appended blocks, so each step copies only its new columns instead of
+converting ``num_layers`` nested lists per request again.
 """
 
 from __future__ import annotations
@@ -44,8 +48,41 @@ def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+class BlockTables:
+    """Each scheduled request's block table as an int32 array ``[num_layers, capacity]``, kept across
+    steps. A request's ``block_table`` (``[layer][block]`` lists) is append-only while it runs; it
+    is replaced by a new list object when freed (finish, preemption) or re-attached to a cached
+    prefix, so the identity of that object says whether the cached array is still its prefix."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self._tables: dict[str, tuple[list[list[int]], np.ndarray, int]] = {}
+
+    def step(self, chunks: list[ScheduledChunk]) -> list[np.ndarray]:
+        """The current table of every chunk's request (views ``[num_layers, num_blocks]``); forgets
+        requests that are not in this step."""
+        tables, out = {}, []
+        for c in chunks:
+            src, n = c.block_table, len(c.block_table[0])
+            hit = self._tables.get(c.request_id)
+            if hit is None or hit[0] is not src or hit[2] > n:
+                hit = (src, np.zeros((self.num_layers, _bucket(max(n, 1))), dtype=np.int32), 0)
+            _, arr, have = hit
+            if n > arr.shape[1]:
+                grown = np.zeros((self.num_layers, _bucket(n)), dtype=np.int32)
+                grown[:, :have] = arr[:, :have]
+                arr = grown
+            if n > have:
+                arr[:, have:n] = [layer[have:n] for layer in src]
+            tables[c.request_id] = (src, arr, n)
+            out.append(arr[:, :n])
+        self._tables = tables
+        return out
+
+
 def build_step(out: SchedulerOutput, layout: PageLayout, buffer: StepBuffer, lora: LoraBackend,
-               page_table: Callable[[int], AdapterPageTable]) -> StepBatch:
+               page_table: Callable[[int], AdapterPageTable], tables: BlockTables | None = None) -> StepBatch:
+    """The tensors of one step (``tables``: the runner's block tables kept across steps)."""
     chunks = sorted(out.chunks, key=_adapter_key)
     q_lens = np.array([len(c.token_ids) for c in chunks], dtype=np.int64)
     starts = np.array([c.start_pos for c in chunks], dtype=np.int64)
@@ -55,10 +92,11 @@ def build_step(out: SchedulerOutput, layout: PageLayout, buffer: StepBuffer, lor
     seq_of_row = np.repeat(np.arange(len(chunks)), q_lens)
     positions = starts[seq_of_row] + np.arange(num_tokens) - cu[:-1][seq_of_row]
     ctx = starts + q_lens
-    max_blocks = _bucket(max(len(c.block_table[0]) for c in chunks))
+    per_chunk = (tables or BlockTables(layout.num_layers)).step(chunks)
+    max_blocks = _bucket(max(t.shape[1] for t in per_chunk))
     block_tables = np.zeros((layout.num_layers, len(chunks), max_blocks), dtype=np.int32)
-    for s, c in enumerate(chunks):
-        block_tables[:, s, : len(c.block_table[0])] = c.block_table
+    for s, t in enumerate(per_chunk):
+        block_tables[:, s, : t.shape[1]] = t
     bs = layout.block_size
     slot_mapping = block_tables[:, seq_of_row, positions // bs] * bs + (positions % bs).astype(np.int32)
     sampling = [(int(cu[s + 1]) - 1, c.request_id) for s, c in enumerate(chunks) if c.sample]

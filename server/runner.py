@@ -17,7 +17,7 @@ import torch
 
 from kernels.backend import KernelBackend, select_lora_backend
 from kernels.step_buffer import StepBuffer
-from server.batch import build_step
+from server.batch import BlockTables, build_step
 from server.model import LlamaModel
 from server.model_config import ModelConfig
 from server.page_layout import AdapterPageTable, PageLayout
@@ -59,6 +59,7 @@ class ModelRunner:
         )
         self.lora = select_lora_backend(self.arena, layout, backend.name, lora_backend)
         self.step_buffer = StepBuffer(self.arena.device)
+        self.block_tables = BlockTables(layout.num_layers)
         self.model = LlamaModel(config, weights, backend, max_positions, prepack=prepack)
         self.sampler = Sampler(seed)
 
@@ -81,7 +82,7 @@ class ModelRunner:
             self.drop_adapter(uid)
         if not out.chunks:
             return {}
-        step = build_step(out, self.layout, self.step_buffer, self.lora, page_table)
+        step = build_step(out, self.layout, self.step_buffer, self.lora, page_table, self.block_tables)
         logits = self.model.forward(step.input_ids, step.positions, step.attn, self.kv_pages, step.lora,
                                     step.sample_rows)
         if not step.sample_request_ids:
