@@ -74,6 +74,7 @@ class ParsedAdapter:
     config: LoraConfigInfo
     weights: dict[tuple[int, str], LoraWeights]
     checksum: str
+    source_dtype: torch.dtype | None = None  # the one dtype of its tensors in the file (None: mixed)
 
     @property
     def nbytes(self) -> int:
@@ -130,7 +131,9 @@ def load_peft_adapter(
             a, b = (_read_tensor(f, e, layer, name, side, dtype)
                     for side, e in zip("AB", pairs[(layer, name)], strict=True))
             weights[(layer, name)] = LoraWeights(a=a, b=b, rank=rank, scale=config.scale_for(rank, alpha))
-    parsed = ParsedAdapter(config=config, weights=weights, checksum=sha256_file(path / WEIGHTS_NAME))
+    dtypes = {_TORCH_DTYPES[e.dtype] for pair in pairs.values() for e in pair}
+    parsed = ParsedAdapter(config=config, weights=weights, checksum=sha256_file(path / WEIGHTS_NAME),
+                           source_dtype=dtypes.pop() if len(dtypes) == 1 else None)
     logger.info(
         "parsed adapter %s: %d modules, ranks %s, %d bytes",
         path, len(weights), parsed.ranks, parsed.nbytes,

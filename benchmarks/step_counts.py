@@ -81,7 +81,7 @@ def build_setup(shape: dict, num_adapters: int, kernel_backend: str = "triton", 
 
     dtype = getattr(torch, dtype_name)
     cfg = ModelConfig.from_hf_dict({**shape, "rms_norm_eps": 1e-5})
-    layout = PageLayout.for_model(cfg)
+    layout = PageLayout.for_model(cfg, itemsize=dtype.itemsize)
     shapes = cfg.linear_shapes()
     specs = []
     for n in range(num_adapters):
@@ -92,9 +92,9 @@ def build_setup(shape: dict, num_adapters: int, kernel_backend: str = "triton", 
     need = sum(s.pages_needed(layout) for s in specs) + 12 * (num_adapters + 4) * cfg.num_layers  # + KV
     num_pages = pool_pages or need
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    runner = ModelRunner(cfg, {k: v.to(device) for k, v in random_weights(cfg, dtype, seed).items()}, layout,
-                         num_pages, select_backend(device, kernel_backend), cfg.max_position_embeddings,
-                         lora_backend=lora_backend)
+    weights = {k: v.to(device) for k, v in random_weights(cfg, dtype, seed).items()}
+    runner = ModelRunner(cfg, weights, layout, num_pages, select_backend(device, kernel_backend, dtype),
+                         cfg.max_position_embeddings, lora_backend=lora_backend)
     pool = PagePool(num_pages)
     residency = AdapterResidency(pool, layout)
     gen = torch.Generator().manual_seed(seed + 1)

@@ -21,7 +21,7 @@ column block of ``y``. The backends (torch, native C, Triton) are tested against
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -85,10 +85,12 @@ def _rows(runs: list[tuple[int, int]], device: torch.device) -> Rows:
 
 @dataclass(frozen=True)
 class LoraArgs:
-    """One shrink/expand call: the step's segments and, per slot, that module's pages (or None)."""
+    """One shrink/expand call: the step's segments and, per slot, that module's pages (or None) and
+    its adapter's storage dtype (empty: every slot in the arena's dtype)."""
 
     segments: LoraSegments
     mats: tuple[LoraMatrixPages | None, ...]  # indexed by slot
+    dtypes: tuple[str | None, ...] = ()
     _memo: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -104,15 +106,21 @@ class LoraArgs:
         return max((m.rank for m in self.mats if m is not None), default=0)
 
 
-WeightFn = Callable[[int, LoraMatrixPages], tuple[torch.Tensor, torch.Tensor]]
+    def weights(self, arena: torch.Tensor, slot: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot ``slot``'s ``(A, B^T)`` read from its pages, in the compute ``dtype``."""
+        mat = self.mats[slot]
+        assert mat is not None
+        a, bt = read_lora_weights(arena, mat, self.dtypes[slot] if self.dtypes else None)
+        return a.to(dtype), bt.to(dtype)
 
 
-def _groups(args: LoraArgs, device: torch.device, weights: WeightFn):
-    """Yield ``(rows, mat, A, B^T)`` per slot that has tokens and this module."""
-    for slot, rows in args.segments.row_groups(device).items():
+def _groups(args: LoraArgs, arena: torch.Tensor, x: torch.Tensor):
+    """Yield ``(rows, mat, A, B^T)`` per slot that has tokens and this module (weights in x's dtype)."""
+    for slot, rows in args.segments.row_groups(x.device).items():
         mat = args.mats[slot]
         if mat is not None:
-            yield (rows, mat, *weights(slot, mat))
+            yield (rows, mat, *args.weights(arena, slot, x.dtype))
 
 
 def lora_shrink_ref(x: torch.Tensor, arena: torch.Tensor, args: LoraArgs) -> torch.Tensor:
@@ -121,7 +129,7 @@ def lora_shrink_ref(x: torch.Tensor, arena: torch.Tensor, args: LoraArgs) -> tor
     ``arena [num_pages, page_elems]`` holds the pages; one matmul per slot, at that slot's rank.
     """
     v = x.new_zeros(x.shape[0], args.max_rank)
-    for rows, mat, a, _ in _groups(args, x.device, lambda _, m: read_lora_weights(arena, m)):
+    for rows, mat, a, _ in _groups(args, arena, x):
         if isinstance(rows, slice):
             v[rows, : mat.rank] = x[rows] @ a.T
         else:
@@ -131,7 +139,7 @@ def lora_shrink_ref(x: torch.Tensor, arena: torch.Tensor, args: LoraArgs) -> tor
 
 def lora_expand_ref(v: torch.Tensor, arena: torch.Tensor, args: LoraArgs, y: torch.Tensor) -> None:
     """``y[t] += scale_a * v[t, :r_a] @ B_a.T`` in place for ``v [T, R]``, ``y [T, N]`` (any strides)."""
-    for rows, mat, _, bt in _groups(args, v.device, lambda _, m: read_lora_weights(arena, m)):
+    for rows, mat, _, bt in _groups(args, arena, v):
         vr = v[rows] if isinstance(rows, slice) else v.index_select(0, rows)
         _add_rows(y, rows, vr[:, : mat.rank], bt, mat.scale)
 
@@ -158,5 +166,5 @@ def lora_group_ref(arena: torch.Tensor, segments: LoraSegments, adapters: Sequen
     for module, col, width in zip(group.modules, group.cols, group.widths, strict=True):
         mats = tuple(a.modules.get((layer, module)) for a in adapters)
         if any(m is not None for m in mats):
-            args = LoraArgs(segments, mats)
+            args = LoraArgs(segments, mats, tuple(a.dtype for a in adapters))
             lora_expand_ref(lora_shrink_ref(x, arena, args), arena, args, y[:, col : col + width])

@@ -75,6 +75,12 @@ class LoraBackend(ABC):
         self.arena = arena
         self.layout = layout
 
+    @property
+    def storage_dtypes(self) -> tuple[torch.dtype, ...]:
+        """The dtypes of adapter rows its kernels read (the arena's own first). A backend that can
+        read bf16 rows in an fp32 arena lets bf16 adapters be stored as they are: half the bytes."""
+        return (self.arena.dtype,)
+
     @abstractmethod
     def write_adapter(self, table: AdapterPageTable, weights: AdapterWeights) -> None:
         """Copy an adapter's ``A`` rows and ``B^T`` rows into its pages (layout: server/page_layout.py)."""

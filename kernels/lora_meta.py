@@ -5,14 +5,16 @@ Everything goes into the step's one upload (kernels/step_buffer.py) as two kinds
 **Adapter blocks** (section ``lora_desc``). Per resident adapter, built once from its page table and
 cached until it is evicted::
 
-    header [num_layers, len(LORA_MODULES), 4]: rank, scale (float32 bits), start of A's page ids,
-                                               start of B^T's page ids   (offsets within the block)
+    header [num_layers, len(LORA_MODULES), 6]: rank, scale (float32 bits), start of A's page ids,
+                                               start of B^T's page ids   (offsets within the block),
+                                               A's first row in its first page, B^T's likewise
     page ids of every matrix, A then B^T, module after module
 
 ``rank == 0`` means the adapter lacks that (layer, module). A step's blocks are concatenated; the
-kernels find row ``j`` of a matrix at ``arena[page * page_elems + (j % rpp) * row_len]`` with
-``page = block[start + j // rpp]`` and ``rpp = page_elems // row_len``, each adapter at its own
-rank. (Re-sending the blocks every step costs ~4 KB per rank-16 seven-module SmolLM2 adapter; the
+kernels find row ``j`` of a matrix at ``arena[page * page_elems + ((row0 + j) % rpp) * row_len]``
+with ``page = block[start + (row0 + j) // rpp]`` and ``rpp = page_elems // row_len``, each adapter
+at its own rank (rows of several matrices share pages: server/adapter_packing.py). (Re-sending
+the blocks every step costs ~4 KB per rank-16 seven-module SmolLM2 adapter; the
 alternative, a device-resident directory of blocks, would need its own allocator.)
 
 **Tiles** (section ``lora_tiles``). One work item per tile of an adapter's segment: ``(first row,
@@ -35,7 +37,7 @@ import numpy as np
 from server.model_config import LORA_MODULES
 from server.page_layout import AdapterPageTable
 
-HDR_FIELDS = 4
+HDR_FIELDS = 6
 DECODE_MAX = 4  # segments up to this many tokens use the decode-shaped kernels
 SGMV_BLOCK_M = 16  # tl.dot needs at least 16 rows
 _MODULE_INDEX = {m: i for i, m in enumerate(LORA_MODULES)}
@@ -56,7 +58,7 @@ def adapter_block(table: AdapterPageTable, num_layers: int) -> AdapterBlock:
         a_start = start + len(pages)
         pages += mat.a_pages
         header[layer, _MODULE_INDEX[module]] = (mat.rank, np.float32(mat.scale).view(np.int32), a_start,
-                                                start + len(pages))
+                                                start + len(pages), mat.a_row0, mat.b_row0)
         pages += mat.b_pages
     data = np.concatenate([header.reshape(-1), np.asarray(pages, dtype=np.int32)])
     return AdapterBlock(data, max((m.rank for m in table.modules.values()), default=0))

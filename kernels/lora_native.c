@@ -5,30 +5,46 @@
  * every token of the step:
  *
  *     for each segment s (tokens seg_starts[s] .. seg_starts[s + 1]) and module m of the group:
- *         d = desc[s * DESC_STRIDE + mods[m]]             (that segment's adapter, that module)
+ *         d = desc[s * desc_stride + mods[m]]             (that segment's adapter, that module)
  *         v[t, j]          = sum_k A_j[k] * x[t, k]              j < d.rank   (shrink)
  *         y[t, col_m + n] += d.scale * sum_j v[t, j] * Bt_j[n]   n < width_m  (expand)
  *
- * where A_j is the arena row at element offset ((int64_t *) d.a_rows)[j], Bt_j likewise (rows of
- * B transposed). The torch reference is kernels/lora.py: lora_shrink_ref / lora_expand_ref, and
- * LoraBatch.apply_group's semantics (one rounding of y when y is bf16).
+ * where A_j is the row at byte offset ((int64_t *) d.a_rows)[j] of the arena, Bt_j likewise (rows
+ * of B transposed), stored as fp32 or, with d.flags & WEIGHTS_BF16, as bf16 (widened to fp32 as
+ * they are loaded: a shift). x and y are fp32, or bf16 (xy_bf16: x widened, the delta accumulated
+ * in fp32 and added to y with one rounding). The torch reference is kernels/lora.py.
  *
  * Why a C kernel: a decode step with 64 adapters makes ~16,000 tiny per-adapter matmuls through
  * torch (each paying a fixed dispatch cost larger than its arithmetic). Here one call per group
- * and layer covers them all, and rows are read straight from the pages (no gathered copy).
- * Tokens are processed in tiles of TILE so that prefill segments reuse each weight row TILE times.
+ * and layer covers them all, and rows are read straight from the pages (no gathered copy). Decode
+ * is a stream over every adapter's weights (each row is used once per token): the loops read rows
+ * front to back, a few at a time, so that the hardware prefetchers keep several streams going and
+ * every weight load feeds the tile's TILE tokens. Prefill segments reuse each row TILE times.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define TILE 4
+#define WEIGHTS_BF16 1
+
+#ifdef __AVX512F__
+#define VW 16
+#else
+#define VW 8
+#endif
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef uint16_t vh __attribute__((vector_size(VW * 2)));
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
 
 typedef struct {
     int64_t rank;    /* 0: this segment's adapter lacks the module (or no adapter) */
-    int64_t a_rows;  /* address of int64_t[rank]: element offsets of A's rows in the arena */
-    int64_t b_rows;  /* address of int64_t[rank]: element offsets of B^T's rows */
+    int64_t a_rows;  /* address of int64_t[rank]: byte offsets of A's rows in the arena */
+    int64_t b_rows;  /* address of int64_t[rank]: byte offsets of B^T's rows */
     double scale;
+    int64_t flags;   /* WEIGHTS_BF16: the rows are bf16 (else fp32) */
 } Desc;
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -46,82 +62,102 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)(u >> 16);
 }
 
-typedef float v8f __attribute__((vector_size(32)));
-
-static inline v8f load8(const float *p) {
-    v8f v;
+static inline vf vload(const float *p) {
+    vf v;
     memcpy(&v, p, sizeof v); /* unaligned load */
     return v;
 }
 
-static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
-static inline float hsum8(v8f v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+/* VW weights from element i of a row of fp32 or bf16 (wbf16 is a constant at every call site, so
+ * each caller is compiled twice, without a branch in its loops). */
+static inline __attribute__((always_inline)) vf wload(const void *row, int64_t i, int wbf16) {
+    if (!wbf16) return vload((const float *)row + i);
+    vh h;
+    memcpy(&h, (const uint16_t *)row + i, sizeof h);
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
+static inline __attribute__((always_inline)) float wload1(const void *row, int64_t i, int wbf16) {
+    return wbf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+static inline float hsum(vf v) { /* a tree of halving adds */
+#if VW == 16
+    vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    vf8 a = v;
+#endif
+    vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
 /* v[i * r + j] = scale * dot(A_j, x_i) for i < nt (nt <= TILE), two rows of A at a time so each
  * x load feeds two FMAs and each A load feeds nt. */
-static void shrink_f32(const float *arena, const int64_t *ar, int64_t r, float sc, int64_t K, int nt,
-                       const float *const xs[TILE], float *v) {
-    const int64_t kv = K & ~(int64_t)7;
+static inline __attribute__((always_inline)) void shrink(const char *arena, const int64_t *ar, int64_t r,
+                                                         float sc, int64_t K, int nt, const float *const xs[TILE],
+                                                         float *v, int wbf16) {
+    const int64_t kv = K - K % VW;
     int64_t j = 0;
     for (; j + 1 < r; j += 2) {
-        const float *a0 = arena + ar[j], *a1 = arena + ar[j + 1];
-        v8f c0[TILE] = {0}, c1[TILE] = {0};
-        for (int64_t k = 0; k < kv; k += 8) {
-            const v8f w0 = load8(a0 + k), w1 = load8(a1 + k);
+        const void *a0 = arena + ar[j], *a1 = arena + ar[j + 1];
+        vf c0[TILE] = {0}, c1[TILE] = {0};
+        for (int64_t k = 0; k < kv; k += VW) {
+            const vf w0 = wload(a0, k, wbf16), w1 = wload(a1, k, wbf16);
             for (int i = 0; i < TILE; i++) {
                 if (i < nt) {
-                    const v8f xv = load8(xs[i] + k);
+                    const vf xv = vload(xs[i] + k);
                     c0[i] += w0 * xv;
                     c1[i] += w1 * xv;
                 }
             }
         }
         for (int i = 0; i < nt; i++) {
-            float s0 = hsum8(c0[i]), s1 = hsum8(c1[i]);
+            float s0 = hsum(c0[i]), s1 = hsum(c1[i]);
             for (int64_t k = kv; k < K; k++) {
-                s0 += a0[k] * xs[i][k];
-                s1 += a1[k] * xs[i][k];
+                s0 += wload1(a0, k, wbf16) * xs[i][k];
+                s1 += wload1(a1, k, wbf16) * xs[i][k];
             }
             v[i * r + j] = s0 * sc;
             v[i * r + j + 1] = s1 * sc;
         }
     }
     for (; j < r; j++) {
-        const float *a0 = arena + ar[j];
+        const void *a0 = arena + ar[j];
         for (int i = 0; i < nt; i++) {
-            v8f c = {0};
-            for (int64_t k = 0; k < kv; k += 8) c += load8(a0 + k) * load8(xs[i] + k);
-            float s = hsum8(c);
-            for (int64_t k = kv; k < K; k++) s += a0[k] * xs[i][k];
+            vf c = {0};
+            for (int64_t k = 0; k < kv; k += VW) c += wload(a0, k, wbf16) * vload(xs[i] + k);
+            float s = hsum(c);
+            for (int64_t k = kv; k < K; k++) s += wload1(a0, k, wbf16) * xs[i][k];
             v[i * r + j] = s * sc;
         }
     }
 }
 
-/* y_i[n] += sum_j v[i * r + j] * Bt_j[n]. Rows of B^T are taken 8 at a time (8 memory streams,
- * which hardware prefetchers follow; all r rows at once would thrash them when a decode token
- * streams its adapter from memory), 16 columns at a time held in registers over those rows, so
- * each B^T load feeds nt FMAs and y (in L1) is read and written once per 8 rows. */
+/* y_i[n] += sum_j v[i * r + j] * Bt_j[n]. Rows of B^T are taken JBLOCK at a time (that many memory
+ * streams, which hardware prefetchers follow; all r rows at once would thrash them when a decode
+ * token streams its adapter from memory), 2 * VW columns at a time held in registers over those
+ * rows, so each B^T load feeds nt FMAs and y (in L1) is read and written once per JBLOCK rows. */
 #define JBLOCK 8
-static void expand_f32(const float *arena, const int64_t *br, int64_t r, int64_t N, int nt,
-                       const float *v, float *const ys[TILE]) {
-    const int64_t nv = N & ~(int64_t)15;
+static inline __attribute__((always_inline)) void expand(const char *arena, const int64_t *br, int64_t r,
+                                                         int64_t N, int nt, const float *v, float *const ys[TILE],
+                                                         int wbf16) {
+    const int64_t nv = N - N % (2 * VW);
     for (int64_t j0 = 0; j0 < r; j0 += JBLOCK) {
         const int64_t j1 = j0 + JBLOCK < r ? j0 + JBLOCK : r;
-        for (int64_t n = 0; n < nv; n += 16) {
-            v8f lo[TILE], hi[TILE];
+        for (int64_t n = 0; n < nv; n += 2 * VW) {
+            vf lo[TILE], hi[TILE];
             for (int i = 0; i < TILE; i++) {
                 if (i < nt) {
-                    lo[i] = load8(ys[i] + n);
-                    hi[i] = load8(ys[i] + n + 8);
+                    lo[i] = vload(ys[i] + n);
+                    hi[i] = vload(ys[i] + n + VW);
                 }
             }
             for (int64_t j = j0; j < j1; j++) {
-                const float *b = arena + br[j] + n;
-                const v8f b0 = load8(b), b1 = load8(b + 8);
+                const void *b = arena + br[j];
+                const vf b0 = wload(b, n, wbf16), b1 = wload(b, n + VW, wbf16);
                 for (int i = 0; i < TILE; i++) {
                     if (i < nt) {
                         const float w = v[i * r + j];
@@ -131,63 +167,73 @@ static void expand_f32(const float *arena, const int64_t *br, int64_t r, int64_t
                 }
             }
             for (int i = 0; i < nt; i++) {
-                store8(ys[i] + n, lo[i]);
-                store8(ys[i] + n + 8, hi[i]);
+                vstore(ys[i] + n, lo[i]);
+                vstore(ys[i] + n + VW, hi[i]);
             }
         }
     }
     for (int64_t n = nv; n < N; n++)
         for (int i = 0; i < nt; i++) {
             float s = 0.f;
-            for (int64_t j = 0; j < r; j++) s += v[i * r + j] * arena[br[j] + n];
+            for (int64_t j = 0; j < r; j++) s += v[i * r + j] * wload1(arena + br[j], n, wbf16);
             ys[i][n] += s;
         }
 }
 
-/* One tile (nt <= TILE tokens of one segment) of one module, fp32 arena/x/y.
- * xs[i]: x row of token i; ys[i]: y row (already offset to the module's first column). */
-static void tile_f32(const float *arena, const Desc *d, int64_t K, int64_t N, int nt,
-                     const float *xs[TILE], float *ys[TILE], float *v) {
+/* One tile (nt <= TILE tokens of one segment) of one module into fp32 rows ys (already offset to
+ * the module's first column). */
+static void tile(const char *arena, const Desc *d, int64_t K, int64_t N, int nt, const float *const xs[TILE],
+                 float *const ys[TILE], float *v) {
     const int64_t *ar = (const int64_t *)(intptr_t)d->a_rows;
     const int64_t *br = (const int64_t *)(intptr_t)d->b_rows;
-    shrink_f32(arena, ar, d->rank, (float)d->scale, K, nt, xs, v);
-    expand_f32(arena, br, d->rank, N, nt, v, ys);
+    if (d->flags & WEIGHTS_BF16) {
+        shrink(arena, ar, d->rank, (float)d->scale, K, nt, xs, v, 1);
+        expand(arena, br, d->rank, N, nt, v, ys, 1);
+    } else {
+        shrink(arena, ar, d->rank, (float)d->scale, K, nt, xs, v, 0);
+        expand(arena, br, d->rank, N, nt, v, ys, 0);
+    }
 }
 
-/* The same for bf16 arena/x/y: weights and x widened to fp32, the delta accumulated in fp32 and
- * added to y with one rounding. acc: TILE * N floats. */
-static void tile_bf16(const uint16_t *arena, const Desc *d, int64_t K, int64_t N, int nt,
-                      const float *xs[TILE], uint16_t *ys[TILE], float *v, float *acc) {
-    const int64_t *ar = (const int64_t *)(intptr_t)d->a_rows;
-    const int64_t *br = (const int64_t *)(intptr_t)d->b_rows;
-    const int64_t r = d->rank;
-    const float sc = (float)d->scale;
-    for (int64_t j = 0; j < r; j++) {
-        const uint16_t *a = arena + ar[j];
-        for (int i = 0; i < nt; i++) {
-            const float *xi = xs[i];
-            float s = 0.f;
-            for (int64_t k = 0; k < K; k++) s += bf16_to_f32(a[k]) * xi[k];
-            v[i * r + j] = s * sc;
+/* One work item: tokens t0 .. t0 + nt of a segment, every module of the group. With bf16 x/y, x is
+ * widened into xbuf and each module's delta is summed in acc (fp32, zeroed) and added to y once. */
+static void item(int xy_bf16, const char *arena, const void *x, int64_t ldx, void *y, int64_t ldy, int64_t K,
+                 const Desc *seg_desc, int64_t nmod, const int64_t *mods, const int64_t *cols,
+                 const int64_t *widths, int64_t t0, int nt, float *v, float *xbuf, float *acc) {
+    const float *xs[TILE];
+    for (int i = 0; i < nt; i++) {
+        if (xy_bf16) {
+            const uint16_t *xr = (const uint16_t *)x + (t0 + i) * ldx;
+            for (int64_t k = 0; k < K; k++) xbuf[i * K + k] = bf16_to_f32(xr[k]);
+            xs[i] = xbuf + i * K;
+        } else {
+            xs[i] = (const float *)x + (t0 + i) * ldx;
         }
     }
-    memset(acc, 0, sizeof(float) * (size_t)(nt * N));
-    for (int64_t j = 0; j < r; j++) {
-        const uint16_t *b = arena + br[j];
+    for (int64_t m = 0; m < nmod; m++) {
+        const Desc *d = seg_desc + mods[m];
+        if (d->rank <= 0) continue;
+        const int64_t N = widths[m];
+        float *ys[TILE];
+        if (!xy_bf16) {
+            for (int i = 0; i < nt; i++) ys[i] = (float *)y + (t0 + i) * ldy + cols[m];
+            tile(arena, d, K, N, nt, xs, ys, v);
+            continue;
+        }
+        memset(acc, 0, sizeof(float) * (size_t)(nt * N));
+        for (int i = 0; i < nt; i++) ys[i] = acc + i * N;
+        tile(arena, d, K, N, nt, xs, ys, v);
         for (int i = 0; i < nt; i++) {
-            float *ai = acc + i * N;
-            const float w = v[i * r + j];
-            for (int64_t n = 0; n < N; n++) ai[n] += w * bf16_to_f32(b[n]);
+            uint16_t *yr = (uint16_t *)y + (t0 + i) * ldy + cols[m];
+            for (int64_t n = 0; n < N; n++) yr[n] = f32_to_bf16(bf16_to_f32(yr[n]) + acc[i * N + n]);
         }
     }
-    for (int i = 0; i < nt; i++)
-        for (int64_t n = 0; n < N; n++) ys[i][n] = f32_to_bf16(bf16_to_f32(ys[i][n]) + acc[i * N + n]);
 }
 
 /* Returns 0, or -1 if memory for the work list could not be allocated.
- * is_bf16: arena, x and y are bf16 (else fp32). x: [T, K] rows ldx apart; y: rows ldy apart.
+ * xy_bf16: x and y are bf16 (else fp32). x: [T, K] rows ldx apart; y: rows ldy apart.
  * seg_starts: int64[nseg + 1]; desc: Desc[nseg * desc_stride]; mods, cols, widths: int64[nmod]. */
-int lora_group(int is_bf16, const void *arena, const void *x, int64_t ldx, void *y, int64_t ldy,
+int lora_group(int xy_bf16, const void *arena, const void *x, int64_t ldx, void *y, int64_t ldy,
                int64_t K, int64_t nseg, const int64_t *seg_starts, const Desc *desc,
                int64_t desc_stride, int64_t nmod, const int64_t *mods, const int64_t *cols,
                const int64_t *widths, int num_threads) {
@@ -216,9 +262,9 @@ int lora_group(int is_bf16, const void *arena, const void *x, int64_t ldx, void 
 #pragma omp parallel num_threads(num_threads)
     {
         float *v = malloc(sizeof(float) * (size_t)(TILE * max_rank));
-        float *acc = is_bf16 ? malloc(sizeof(float) * (size_t)(TILE * max_n)) : NULL;
-        float *xbuf = is_bf16 ? malloc(sizeof(float) * (size_t)(TILE * K)) : NULL;
-        int ok = v && (!is_bf16 || (acc && xbuf));
+        float *acc = xy_bf16 ? malloc(sizeof(float) * (size_t)(TILE * max_n)) : NULL;
+        float *xbuf = xy_bf16 ? malloc(sizeof(float) * (size_t)(TILE * K)) : NULL;
+        int ok = v && (!xy_bf16 || (acc && xbuf));
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -229,29 +275,8 @@ int lora_group(int is_bf16, const void *arena, const void *x, int64_t ldx, void 
             const int64_t s = items[2 * it], t0 = items[2 * it + 1];
             const int64_t end = seg_starts[s + 1];
             const int nt = (int)(end - t0 < TILE ? end - t0 : TILE);
-            const float *xs[TILE];
-            if (is_bf16) {
-                for (int i = 0; i < nt; i++) {
-                    const uint16_t *xr = (const uint16_t *)x + (t0 + i) * ldx;
-                    for (int64_t k = 0; k < K; k++) xbuf[i * K + k] = bf16_to_f32(xr[k]);
-                    xs[i] = xbuf + i * K;
-                }
-            } else {
-                for (int i = 0; i < nt; i++) xs[i] = (const float *)x + (t0 + i) * ldx;
-            }
-            for (int64_t m = 0; m < nmod; m++) {
-                const Desc *d = desc + s * desc_stride + mods[m];
-                if (d->rank <= 0) continue;
-                if (is_bf16) {
-                    uint16_t *ys[TILE];
-                    for (int i = 0; i < nt; i++) ys[i] = (uint16_t *)y + (t0 + i) * ldy + cols[m];
-                    tile_bf16((const uint16_t *)arena, d, K, widths[m], nt, xs, ys, v, acc);
-                } else {
-                    float *ys[TILE];
-                    for (int i = 0; i < nt; i++) ys[i] = (float *)y + (t0 + i) * ldy + cols[m];
-                    tile_f32((const float *)arena, d, K, widths[m], nt, xs, ys, v);
-                }
-            }
+            item(xy_bf16, (const char *)arena, x, ldx, y, ldy, K, desc + s * desc_stride, nmod, mods, cols, widths,
+                 t0, nt, v, xbuf, acc);
         }
         free(v);
         free(acc);
@@ -263,7 +288,7 @@ int lora_group(int is_bf16, const void *arena, const void *x, int64_t ldx, void 
 
 /* Copy n rows into the arena: row i is lens[i] bytes from address srcs[i] to byte offset dsts[i].
  * Used to write an adapter's rows into its pages (one call per adapter instead of one indexed
- * copy per matrix). The caller converts the rows to the arena's dtype and checks the offsets. */
+ * copy per matrix). The caller converts the rows to the storage dtype and checks the offsets. */
 void copy_rows(void *arena, int64_t n, const int64_t *dsts, const int64_t *srcs, const int64_t *lens,
                int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)

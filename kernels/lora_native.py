@@ -4,12 +4,14 @@ Why: a decode step with 64 adapters makes ~16,000 tiny per-adapter matmuls throu
 paying a fixed dispatch cost larger than its arithmetic; one C call per (layer, group) covers every
 adapter of the step and reads the rows in place from the pages (no gathered copy).
 
-Tables: per resident adapter, ``AdapterRows`` holds the element offsets of every row of every
-(layer, module) matrix in the arena and a descriptor per (layer, module): ``(rank, address of the
-A row offsets, address of the B^T row offsets, scale)``, the C struct ``Desc``. Built once when
-the adapter is first used (pure arithmetic on its page table) and dropped when it is evicted. Per
-step, ``NativeStep`` stacks the descriptors of each segment's adapter into ``[L, S, M, 4]``.
-Everything here is host memory: there is nothing to upload.
+Tables: per resident adapter, ``AdapterRows`` holds the byte offsets of every row of every (layer,
+module) matrix in the arena and a descriptor per (layer, module): ``(rank, address of the A row
+offsets, address of the B^T row offsets, scale, flags)``, the C struct ``Desc``; the flags say
+whether the adapter's rows are bf16 (an adapter stored in bf16 in an fp32 model: half the bytes to
+stream per step, widened to fp32 as they are loaded). Built once when the adapter is first used
+(pure arithmetic on its page table) and dropped when it is evicted. Per step, ``NativeStep`` stacks
+the descriptors of each segment's adapter into ``[L, S, M, 5]``. Everything here is host memory:
+there is nothing to upload.
 """
 
 from __future__ import annotations
@@ -20,71 +22,78 @@ import torch
 
 from kernels.lora import LoraSegments
 from kernels.lora_backend import LoraBackend, LoraStep
-from kernels.lora_pages import AdapterWeights, adapter_matrices
+from kernels.lora_pages import AdapterWeights, Matrix, adapter_matrices, storage_dtype, storage_view
 from kernels.native_lib import library
 from kernels.step_buffer import StepPack
 from server.model_config import LORA_MODULES, LoraGroup
 from server.page_layout import AdapterPageTable, PageLayout
 
 MODULE_INDEX = {m: i for i, m in enumerate(LORA_MODULES)}  # a descriptor's index on its module axis
-NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # of the arena, x and y
-DESC_FIELDS = 4  # rank, a_rows address, b_rows address, scale (float64 bits)
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # of the arena, x and y, and of adapters' rows
+DESC_FIELDS = 5  # rank, a_rows address, b_rows address, scale (float64 bits), flags
+WEIGHTS_BF16 = 1  # flags: the adapter's rows are bf16
 
 
 class AdapterRows:
     """One adapter's row offsets and descriptors ``[num_layers, len(LORA_MODULES), DESC_FIELDS]`` (int64)."""
 
-    def __init__(self, table: AdapterPageTable, num_layers: int, page_elems: int) -> None:
+    def __init__(self, table: AdapterPageTable, num_layers: int, arena: torch.Tensor) -> None:
+        view = storage_view(arena, table.dtype)
+        item, elems = view.element_size(), view.shape[1]
         offsets: list[int] = []
         spans: dict[tuple[int, str], tuple[int, int, int]] = {}
         for key, mat in table.modules.items():
             first_a = len(offsets)
-            offsets += _row_offsets(mat.a_pages, mat.rank, mat.in_features, page_elems)
+            offsets += _row_offsets(mat.a_pages, mat.a_row0, mat.rank, mat.in_features, elems, item)
             first_b = len(offsets)
-            offsets += _row_offsets(mat.b_pages, mat.rank, mat.out_features, page_elems)
+            offsets += _row_offsets(mat.b_pages, mat.b_row0, mat.rank, mat.out_features, elems, item)
             spans[key] = (mat.rank, first_a, first_b)
         self.rows = torch.tensor(offsets or [0], dtype=torch.int64)
-        base, item = self.rows.data_ptr(), self.rows.element_size()
+        base, size = self.rows.data_ptr(), self.rows.element_size()
+        flags = WEIGHTS_BF16 if view.dtype == torch.bfloat16 else 0
         desc = torch.zeros(num_layers, len(LORA_MODULES), DESC_FIELDS, dtype=torch.int64)
         scales = torch.zeros(num_layers, len(LORA_MODULES), dtype=torch.float64)
         for (layer, module), (rank, first_a, first_b) in spans.items():
             m = MODULE_INDEX[module]
-            desc[layer, m, :3] = torch.tensor([rank, base + first_a * item, base + first_b * item])
+            desc[layer, m, :3] = torch.tensor([rank, base + first_a * size, base + first_b * size])
+            desc[layer, m, 4] = flags
             scales[layer, m] = table.modules[(layer, module)].scale
         desc[:, :, 3] = scales.view(torch.int64)
         self.desc = desc
 
 
-def _row_offsets(pages: tuple[int, ...], rank: int, row_len: int, page_elems: int) -> list[int]:
-    """Element offset of each of ``rank`` rows (layout: server/page_layout.py)."""
-    rpp = page_elems // row_len
-    if rpp < 1 or len(pages) * rpp < rank:
-        raise ValueError(f"{rank} rows of {row_len} do not fit {len(pages)} pages of {page_elems}")
-    return [pages[j // rpp] * page_elems + (j % rpp) * row_len for j in range(rank)]
+def _row_offsets(pages: tuple[int, ...], row0: int, rank: int, row_len: int, elems: int,
+                 item: int) -> list[int]:
+    """Byte offset of each of ``rank`` rows (layout: server/page_layout.py) in pages of ``elems``
+    elements of ``item`` bytes."""
+    rpp = elems // row_len
+    if rpp < 1 or len(pages) * rpp < row0 + rank:
+        raise ValueError(f"{rank} rows of {row_len} do not fit {len(pages)} pages of {elems}")
+    return [(pages[(row0 + j) // rpp] * elems + ((row0 + j) % rpp) * row_len) * item for j in range(rank)]
 
 
-def write_adapter_rows(arena: torch.Tensor, page_elems: int,
-                       matrices: list[tuple[torch.Tensor, tuple[int, ...]]]) -> None:
-    """Copy each ``rows [r, row_len]`` into ``arena`` at its ``pages`` (layout: server/page_layout.py).
+def write_adapter_rows(arena: torch.Tensor, matrices: list[Matrix]) -> None:
+    """Copy each ``rows [r, row_len]`` into ``arena`` (a storage view ``[num_pages, elems]``) at its
+    pages from its ``row0`` (layout: server/page_layout.py).
 
     Same result as ``write_matrix_rows`` per matrix, in one kernel call; rows are cast to the
-    arena's dtype first. The tails of partly used pages are left as they are: no reader looks past
-    a matrix's ``rank`` rows.
+    arena's dtype first. Unused page tails are left as they are: no reader looks past a matrix's
+    ``rank`` rows.
     """
     lib = library()
     assert lib is not None, "write_adapter_rows used without the kernel"
-    if arena.device.type != "cpu" or not arena.is_contiguous() or arena.shape[1] != page_elems:
-        raise ValueError("the arena must be a contiguous CPU tensor [num_pages, page_elems]")
-    item, limit = arena.element_size(), arena.numel()
+    if arena.device.type != "cpu" or not arena.is_contiguous():
+        raise ValueError("the arena must be a contiguous CPU tensor [num_pages, elems]")
+    item, elems, limit = arena.element_size(), arena.shape[1], arena.numel() * arena.element_size()
     keep, dsts, srcs, lens = [], [], [], []
-    for rows, pages in matrices:
+    for rows, pages, row0 in matrices:
         num_rows, row_len = rows.shape
         src = rows.to(arena.dtype).contiguous()
         keep.append(src)
-        offsets = _row_offsets(pages, num_rows, row_len, page_elems)
-        if num_rows and (min(pages) < 0 or offsets[-1] + row_len > limit):
+        offsets = _row_offsets(pages, row0, num_rows, row_len, elems, item)
+        if num_rows and (min(pages) < 0 or offsets[-1] + row_len * item > limit):
             raise ValueError("a matrix's pages lie outside the arena")
-        dsts += [o * item for o in offsets]
+        dsts += offsets
         srcs += [src.data_ptr() + j * row_len * item for j in range(num_rows)]
         lens += [row_len * item] * num_rows
     if dsts:
@@ -129,6 +138,10 @@ class NativeLoraBackend(LoraBackend):
 
     name = "native"
 
+    @property
+    def storage_dtypes(self) -> tuple[torch.dtype, ...]:
+        return tuple(dict.fromkeys((self.arena.dtype, torch.bfloat16)))
+
     def __init__(self, arena: torch.Tensor, layout: PageLayout) -> None:
         super().__init__(arena, layout)
         if arena.device.type != "cpu" or arena.dtype not in NATIVE_DTYPES or not arena.is_contiguous():
@@ -141,7 +154,9 @@ class NativeLoraBackend(LoraBackend):
         self._groups: dict[LoraGroup, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def write_adapter(self, table: AdapterPageTable, weights: AdapterWeights) -> None:
-        write_adapter_rows(self.arena, self.layout.page_elems, adapter_matrices(table, weights))
+        if storage_dtype(self.arena, table.dtype) not in NATIVE_DTYPES:
+            raise ValueError(f"adapter rows in {table.dtype} are not readable by the native kernel")
+        write_adapter_rows(storage_view(self.arena, table.dtype), adapter_matrices(table, weights))
 
     def drop_adapter(self, uid: int) -> None:
         self._rows.pop(uid, None)
@@ -150,7 +165,7 @@ class NativeLoraBackend(LoraBackend):
         """The kernel's row offsets and descriptors of adapter ``table.uid`` (cached until dropped)."""
         hit = self._rows.get(table.uid)
         if hit is None:
-            hit = self._rows[table.uid] = AdapterRows(table, self.layout.num_layers, self.layout.page_elems)
+            hit = self._rows[table.uid] = AdapterRows(table, self.layout.num_layers, self.arena)
         return hit
 
     def group_arrays(self, group: LoraGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

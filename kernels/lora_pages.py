@@ -1,4 +1,9 @@
-"""Adapter matrices in the arena's pages: write rows in, gather rows out (layout: server/page_layout.py)."""
+"""Adapter matrices in the arena's pages: write rows in, gather rows out (layout: server/page_layout.py).
+
+The arena is typed in the model dtype; an adapter whose pages hold another storage dtype (bf16 rows
+in an fp32 model) is read and written through ``storage_view``: the same bytes as
+``[num_pages, page_bytes // itemsize]`` elements of that dtype.
+"""
 
 from __future__ import annotations
 
@@ -13,78 +18,111 @@ if TYPE_CHECKING:
     from adapter_store.peft_format import LoraWeights
 
 AdapterWeights = Mapping[tuple[int, str], "LoraWeights"]
+# (rows [r, row_len], pages holding them, index of row 0 within pages[0])
+Matrix = tuple[torch.Tensor, tuple[int, ...], int]
 
 
-def _page_index(pages: Sequence[int], num_rows: int, rpp: int, device: torch.device) -> torch.Tensor:
-    need = -(-num_rows // rpp)
-    if len(pages) < need:
-        raise ValueError(f"{num_rows} rows at {rpp} rows/page need {need} pages, got {len(pages)}")
+def storage_dtype(arena: torch.Tensor, dtype: str | None) -> torch.dtype:
+    return arena.dtype if dtype is None else getattr(torch, dtype)
+
+
+def storage_view(arena: torch.Tensor, dtype: str | None) -> torch.Tensor:
+    """The arena's pages as elements of an adapter's storage ``dtype`` (None: the arena's own)."""
+    want = storage_dtype(arena, dtype)
+    if want == arena.dtype:
+        return arena
+    return arena.view(torch.uint8).view(want)
+
+
+def _page_index(pages: Sequence[int], row0: int, num_rows: int, rpp: int,
+                device: torch.device) -> torch.Tensor:
+    need = -(-(row0 + num_rows) // rpp)
+    if len(pages) < need or not 0 <= row0 < max(rpp, 1):
+        raise ValueError(f"{num_rows} rows from row {row0} at {rpp} rows/page need {need} pages, "
+                         f"got {len(pages)}")
     return torch.tensor(list(pages[:need]), dtype=torch.long, device=device)
 
 
-def write_matrix_rows(arena: torch.Tensor, pages: Sequence[int], rows: torch.Tensor) -> None:
-    """Copy ``rows [r, row_len]`` into ``arena [num_pages, page_elems]`` at ``pages``.
-
-    Row ``j`` goes to page ``pages[j // rpp]`` at element offset ``(j % rpp) * row_len`` with
-    ``rpp = page_elems // row_len``; rows are cast to the arena's dtype and device. Store ``A`` as
-    its ``r`` rows and ``B`` as ``B.T`` (``r`` rows of ``out_features``). The unused tail of the last
-    page is zeroed: pages belong to one matrix.
-    """
-    num_rows, row_len = rows.shape
+def _rpp(arena: torch.Tensor, row_len: int) -> int:
     rpp = arena.shape[1] // row_len
     if rpp < 1:
         raise ValueError(f"a row of {row_len} elements does not fit a page of {arena.shape[1]}")
-    idx = _page_index(pages, num_rows, rpp, arena.device)
-    padded = torch.zeros(len(idx) * rpp, row_len, dtype=arena.dtype, device=arena.device)
-    padded[:num_rows] = rows
-    arena[idx, : rpp * row_len] = padded.view(len(idx), rpp * row_len)
+    return rpp
 
 
-def read_matrix_rows(arena: torch.Tensor, pages: Sequence[int], num_rows: int, row_len: int) -> torch.Tensor:
-    """Gather ``num_rows`` rows of ``row_len`` from ``pages`` into a new contiguous tensor."""
-    rpp = arena.shape[1] // row_len
-    idx = _page_index(pages, num_rows, rpp, arena.device)
-    return arena[idx, : rpp * row_len].reshape(-1, row_len)[:num_rows]
+def write_matrix_rows(arena: torch.Tensor, pages: Sequence[int], rows: torch.Tensor, row0: int = 0) -> None:
+    """Copy ``rows [r, row_len]`` into ``arena [num_pages, elems]`` (a storage view) at ``pages``.
+
+    Row ``j`` goes to page ``pages[(row0 + j) // rpp]`` at element offset ``((row0 + j) % rpp) *
+    row_len`` with ``rpp = elems // row_len``; rows are cast to the arena's dtype. Other rows of the
+    pages (another matrix of the same adapter) are left as they are. Store ``A`` as its ``r`` rows
+    and ``B`` as ``B.T`` (``r`` rows of ``out_features``).
+    """
+    num_rows, row_len = rows.shape
+    rpp = _rpp(arena, row_len)
+    idx = _page_index(pages, row0, num_rows, rpp, arena.device)
+    block = arena[idx, : rpp * row_len].reshape(-1, row_len)
+    block[row0 : row0 + num_rows] = rows
+    arena[idx, : rpp * row_len] = block.view(len(idx), rpp * row_len)
 
 
-def read_lora_weights(arena: torch.Tensor, mat: LoraMatrixPages) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A [r, in_features], B^T [r, out_features])`` of one module, copied out of the pages."""
-    a = read_matrix_rows(arena, mat.a_pages, mat.rank, mat.in_features)
-    bt = read_matrix_rows(arena, mat.b_pages, mat.rank, mat.out_features)
+def read_matrix_rows(arena: torch.Tensor, pages: Sequence[int], num_rows: int, row_len: int,
+                     row0: int = 0) -> torch.Tensor:
+    """Gather ``num_rows`` rows of ``row_len`` from ``pages`` (from row ``row0``) into a new tensor."""
+    rpp = _rpp(arena, row_len)
+    idx = _page_index(pages, row0, num_rows, rpp, arena.device)
+    return arena[idx, : rpp * row_len].reshape(-1, row_len)[row0 : row0 + num_rows]
+
+
+def read_lora_weights(arena: torch.Tensor, mat: LoraMatrixPages,
+                      dtype: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A [r, in_features], B^T [r, out_features])`` of one module, copied out of the pages, in
+    the adapter's storage ``dtype``."""
+    view = storage_view(arena, dtype)
+    a = read_matrix_rows(view, mat.a_pages, mat.rank, mat.in_features, mat.a_row0)
+    bt = read_matrix_rows(view, mat.b_pages, mat.rank, mat.out_features, mat.b_row0)
     return a, bt
 
 
-def adapter_matrices(table: AdapterPageTable,
-                     weights: AdapterWeights) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
-    """``(rows, pages)`` of every matrix of an adapter: ``A [r, in]`` as is, ``B`` as ``B.T [r, out]``."""
+def adapter_matrices(table: AdapterPageTable, weights: AdapterWeights) -> list[Matrix]:
+    """``(rows, pages, row0)`` of every matrix of an adapter: ``A [r, in]`` as is, ``B`` as ``B.T``."""
     out = []
     for key, mat in table.modules.items():
         w = weights[key]
-        out += [(w.a, mat.a_pages), (w.b.t(), mat.b_pages)]
+        out += [(w.a, mat.a_pages, mat.a_row0), (w.b.t(), mat.b_pages, mat.b_row0)]
     return out
 
 
-def pack_pages(matrices: Sequence[tuple[torch.Tensor, tuple[int, ...]]], page_elems: int,
-               out: torch.Tensor) -> list[int]:
-    """Lay matrices' rows out as the contents of their pages, in ``out [n_pages, page_elems]``.
+def _write_span(dst: torch.Tensor, row0: int, rows: torch.Tensor) -> None:
+    """``rows`` into ``dst [pages, rpp, row_len]`` from flat row ``row0`` on: at most three copies
+    (the rest of the first page, whole pages, the start of the last)."""
+    rpp = dst.shape[1]
+    n, done = rows.shape[0], 0
+    if row0 % rpp:
+        take = min(rpp - row0 % rpp, n)
+        dst[row0 // rpp, row0 % rpp : row0 % rpp + take] = rows[:take]
+        done = take
+    page = -(-row0 // rpp) if row0 % rpp else row0 // rpp
+    full = (n - done) // rpp
+    if full:
+        dst[page : page + full] = rows[done : done + full * rpp].reshape(full, rpp, -1)
+        done += full * rpp
+    if done < n:
+        dst[page + full, : n - done] = rows[done:]
 
-    Returns the page ids in order: ``out[i]`` is what page ``ids[i]`` must hold (rows as in
-    ``write_matrix_rows``; the unused tail of a page is left as ``out`` had it). Two copies per
-    matrix, whatever its rank: full pages as one block, then the last partial page.
-    """
-    ids: list[int] = []
-    for rows, pages in matrices:
+
+def pack_pages(matrices: Sequence[Matrix], elems: int, out: torch.Tensor, order: Sequence[int]) -> None:
+    """Lay matrices' rows out as the contents of their pages: ``out[i]`` (``[n_pages, elems]``, zeroed
+    by the caller) is what page ``order[i]`` must hold. Each matrix's pages must be consecutive in
+    ``order`` (an adapter's page table lists them so); a few tensor copies per matrix."""
+    position = {p: i for i, p in enumerate(order)}
+    for rows, pages, row0 in matrices:
         num_rows, row_len = rows.shape
-        rpp = page_elems // row_len
-        need = -(-num_rows // rpp)
+        rpp = elems // row_len
+        need = -(-(row0 + num_rows) // rpp)
         if rpp < 1 or len(pages) < need:
-            raise ValueError(f"{num_rows} rows of {row_len} do not fit {len(pages)} pages of {page_elems}")
-        first = len(ids)
-        ids += pages[:need]
-        dst = out[first : first + need, : rpp * row_len].view(need, rpp, row_len)
-        full = num_rows // rpp
-        if full:
-            dst[:full] = rows[: full * rpp].reshape(full, rpp, row_len)
-        if num_rows > full * rpp:
-            dst[full, : num_rows - full * rpp] = rows[full * rpp :]
-    return ids
+            raise ValueError(f"{num_rows} rows of {row_len} do not fit {len(pages)} pages of {elems}")
+        first = position[pages[0]]
+        if [position[p] for p in pages[:need]] != list(range(first, first + need)):
+            raise ValueError("a matrix's pages must be consecutive in the page order")
+        _write_span(out[first : first + need, : rpp * row_len].view(need, rpp, row_len), row0, rows)

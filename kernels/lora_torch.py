@@ -24,7 +24,7 @@ import torch
 
 from kernels.lora import LoraSegments, Rows
 from kernels.lora_backend import LoraBackend, LoraStep
-from kernels.lora_pages import AdapterWeights, adapter_matrices, read_lora_weights
+from kernels.lora_pages import AdapterWeights, read_lora_weights
 from kernels.page_writer import PageWriter
 from kernels.step_buffer import StepPack
 from server.model_config import LoraGroup
@@ -101,11 +101,11 @@ class GatherCache:
         self.compute_dtype = compute_dtype
         self._fused: dict[int, dict[tuple[int, tuple[str, ...]], FusedEntry]] = {}
 
-    def _read(self, arena: torch.Tensor, mat: LoraMatrixPages) -> tuple[torch.Tensor, torch.Tensor]:
-        a, bt = read_lora_weights(arena, mat)
-        if self.compute_dtype is not None:
-            a, bt = a.to(self.compute_dtype), bt.to(self.compute_dtype)
-        return a, bt
+    def _read(self, arena: torch.Tensor, mat: LoraMatrixPages,
+              dtype: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        a, bt = read_lora_weights(arena, mat, dtype)
+        compute = self.compute_dtype or arena.dtype  # bf16-stored rows compute in the model's dtype
+        return a.to(compute), bt.to(compute)
 
     def get_fused(self, arena: torch.Tensor, table: AdapterPageTable, layer: int,
                   modules: tuple[str, ...], widths: tuple[int, ...]) -> FusedEntry:
@@ -114,7 +114,7 @@ class GatherCache:
         key = (layer, modules)
         if key not in per_adapter:
             mats = [table.modules.get((layer, m)) for m in modules]
-            parts = [None if m is None else self._read(arena, m) for m in mats]
+            parts = [None if m is None else self._read(arena, m, table.dtype) for m in mats]
             per_adapter[key] = build_fused(parts, mats, widths)
         return per_adapter[key]
 
@@ -155,8 +155,12 @@ class TorchLoraBackend(LoraBackend):
         self.cache = GatherCache(compute_dtype=torch.float32 if slow_bf16 else None)
         self.writer = PageWriter(arena)
 
+    @property
+    def storage_dtypes(self) -> tuple[torch.dtype, ...]:
+        return tuple(dict.fromkeys((self.arena.dtype, torch.bfloat16)))  # the cache converts on read
+
     def write_adapter(self, table: AdapterPageTable, weights: AdapterWeights) -> None:
-        self.writer.write(table.uid, adapter_matrices(table, weights))
+        self.writer.write(table, weights)
 
     def drop_adapter(self, uid: int) -> None:
         self.cache.drop(uid)

@@ -21,31 +21,33 @@ The pinned buffer is released once its copy is done (torch's pinned allocator tr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 
-from kernels.lora_pages import pack_pages
+from kernels.lora_pages import AdapterWeights, adapter_matrices, pack_pages, storage_view
+from server.page_layout import AdapterPageTable
 
 
 class PageWriter:
     def __init__(self, arena: torch.Tensor) -> None:
         self.arena = arena
-        self.page_elems = arena.shape[1]
         self._cuda = arena.device.type == "cuda"
         self._stream = torch.cuda.Stream(arena.device) if self._cuda else None
         self._inflight: dict[int, tuple[torch.cuda.Event, torch.Tensor]] = {}
 
-    def write(self, uid: int, matrices: Sequence[tuple[torch.Tensor, tuple[int, ...]]]) -> None:
-        """Copy each ``rows [r, row_len]`` into its ``pages`` (layout: server/page_layout.py)."""
-        arena = self.arena
-        num_pages = sum(-(-rows.shape[0] // max(1, self.page_elems // rows.shape[1])) for rows, _ in matrices)
-        data_bytes = num_pages * self.page_elems * arena.element_size()
+    def write(self, table: AdapterPageTable, weights: AdapterWeights) -> None:
+        """Copy an adapter's ``A`` rows and ``B^T`` rows into its pages (layout: server/page_layout.py),
+        in its storage dtype."""
+        arena = storage_view(self.arena, table.dtype)
+        elems = arena.shape[1]
+        ids = table.all_pages()
+        data_bytes = len(ids) * elems * arena.element_size()
         # Zeroed, so a page's tail past its rows is finite: the pages become KV blocks again later,
         # and the reference attention reads whole blocks (masking, not skipping, unused slots).
-        host = torch.zeros(data_bytes + 8 * num_pages, dtype=torch.uint8, pin_memory=self._cuda)
-        data, index = _split(host, data_bytes, arena.dtype, self.page_elems)
-        ids = pack_pages(matrices, self.page_elems, data)
+        host = torch.zeros(data_bytes + 8 * len(ids), dtype=torch.uint8, pin_memory=self._cuda)
+        data, index = _split(host, data_bytes, arena.dtype, elems)
+        pack_pages(adapter_matrices(table, weights), elems, data, ids)
         if ids and (min(ids) < 0 or max(ids) >= arena.shape[0]):
             raise ValueError("a matrix's pages lie outside the arena")
         index.numpy()[:] = ids
@@ -57,11 +59,11 @@ class PageWriter:
         with torch.cuda.stream(stream):
             dev = torch.empty_like(host, device=arena.device)
             dev.copy_(host, non_blocking=True)
-            dev_data, dev_index = _split(dev, data_bytes, arena.dtype, self.page_elems)
+            dev_data, dev_index = _split(dev, data_bytes, arena.dtype, elems)
             arena.index_copy_(0, dev_index, dev_data)
             done = torch.cuda.Event()
             done.record(stream)
-        self._inflight[uid] = (done, dev)  # dev lives on the side stream until the copy is done
+        self._inflight[table.uid] = (done, dev)  # dev lives on the side stream until the copy is done
 
     def ready(self, uids: Iterable[int]) -> None:
         """The compute stream waits (device-side) for these adapters' copies, if still pending."""

@@ -34,13 +34,14 @@ import triton.language as tl
 
 from kernels.lora import LoraSegments
 from kernels.lora_backend import NO_LORA, LoraBackend, LoraStep
-from kernels.lora_meta import SGMV_BLOCK_M, AdapterBlock, Tiles, adapter_block, plan_tiles
-from kernels.lora_pages import AdapterWeights, adapter_matrices
+from kernels.lora_meta import HDR_FIELDS, SGMV_BLOCK_M, AdapterBlock, Tiles, adapter_block, plan_tiles
+from kernels.lora_pages import AdapterWeights
 from kernels.page_writer import PageWriter
 from kernels.step_buffer import StepPack
 from server.model_config import LORA_MODULES, LoraGroup
 from server.page_layout import AdapterPageTable, PageLayout
 
+HDR = tl.constexpr(HDR_FIELDS)  # int32 words per (layer, module) header
 MAX_GROUP = 3  # modules per group (q/k/v); v holds MAX_GROUP * R columns
 BLOCK_N = 64  # output columns per expand program
 # Triton 3.9's interpreter returns garbage from tl.dot on bf16 operands (fp16/fp32 are fine), so under
@@ -51,7 +52,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 @triton.jit
 def _shrink_tile(
-    x_ptr, arena_ptr, v_ptr, desc_ptr, a_list, rank, row0, row_end, v_col, K, page_elems,
+    x_ptr, arena_ptr, v_ptr, desc_ptr, a_list, a_row0, rank, row0, row_end, v_col, K, page_elems,
     stride_xm, stride_xk, stride_vm,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -63,8 +64,9 @@ def _shrink_tile(
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
-        pages = tl.load(desc_ptr + a_list + offs_r // rpp, mask=r_mask, other=0)
-        row_base = pages.to(tl.int64) * page_elems + (offs_r % rpp) * K
+        idx = a_row0 + offs_r
+        pages = tl.load(desc_ptr + a_list + idx // rpp, mask=r_mask, other=0)
+        row_base = pages.to(tl.int64) * page_elems + (idx % rpp) * K
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -91,7 +93,7 @@ def _tile_header(tiles_ptr, desc_ptr, layer, module, NUM_MODULES: tl.constexpr):
     """
     tile = tl.program_id(0)
     base = tl.load(tiles_ptr + tile * 3 + 2)
-    hdr = base + (layer * NUM_MODULES + module) * 4
+    hdr = base + (layer * NUM_MODULES + module) * HDR
     rank = tl.load(desc_ptr + hdr, mask=base >= 0, other=0)
     return tl.load(tiles_ptr + tile * 3), tl.load(tiles_ptr + tile * 3 + 1), base, hdr, rank
 
@@ -109,19 +111,20 @@ def _shrink_kernel(
     if rank == 0:
         return
     a_list = base + tl.load(desc_ptr + hdr + 2)
+    a_row0 = tl.load(desc_ptr + hdr + 4)
     if row_end - row0 <= SHORT_M:  # decode-shaped: a few rows, fp32 multiply-sum
-        _shrink_tile(x_ptr, arena_ptr, v_ptr, desc_ptr, a_list, rank, row0, row_end, m * v_mod, K,
+        _shrink_tile(x_ptr, arena_ptr, v_ptr, desc_ptr, a_list, a_row0, rank, row0, row_end, m * v_mod, K,
                      page_elems, stride_xm, stride_xk, stride_vm,
                      SHORT_M, BLOCK_R_SHORT, BLOCK_K, False, False, PRECISION)
     else:  # prefill-shaped: 16-row tiles through tl.dot
-        _shrink_tile(x_ptr, arena_ptr, v_ptr, desc_ptr, a_list, rank, row0, row_end, m * v_mod, K,
+        _shrink_tile(x_ptr, arena_ptr, v_ptr, desc_ptr, a_list, a_row0, rank, row0, row_end, m * v_mod, K,
                      page_elems, stride_xm, stride_xk, stride_vm,
                      LONG_M, BLOCK_R_LONG, BLOCK_K, True, UPCAST, PRECISION)
 
 
 @triton.jit
 def _expand_tile(
-    v_ptr, arena_ptr, y_ptr, desc_ptr, b_list, rank, scale, row0, row_end, v_col, col, width, n0,
+    v_ptr, arena_ptr, y_ptr, desc_ptr, b_list, b_row0, rank, scale, row0, row_end, v_col, col, width, n0,
     page_elems, stride_vm, stride_ym, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -138,8 +141,9 @@ def _expand_tile(
         r_mask = offs_r < rank
         vt = tl.load(v_ptr + offs_m[:, None] * stride_vm + (v_col + offs_r)[None, :],
                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        pages = tl.load(desc_ptr + b_list + offs_r // rpp, mask=r_mask, other=0)
-        row_base = pages.to(tl.int64) * page_elems + (offs_r % rpp) * width
+        idx = b_row0 + offs_r
+        pages = tl.load(desc_ptr + b_list + idx // rpp, mask=r_mask, other=0)
+        row_base = pages.to(tl.int64) * page_elems + (idx % rpp) * width
         bt = tl.load(arena_ptr + row_base[:, None] + offs_n[None, :],
                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         if USE_DOT:
@@ -170,15 +174,16 @@ def _expand_kernel(
     if (rank == 0) | (n0 >= width):
         return
     b_list = base + tl.load(desc_ptr + hdr + 3)
+    b_row0 = tl.load(desc_ptr + hdr + 5)
     scale = tl.load(scale_ptr + hdr + 1)
     col = tl.where(m == 0, 0, tl.where(m == 1, W0, W0 + W1))
     if row_end - row0 <= SHORT_M:
-        _expand_tile(v_ptr, arena_ptr, y_ptr, desc_ptr, b_list, rank, scale, row0, row_end, m * v_mod, col,
-                     width, n0, page_elems, stride_vm, stride_ym, stride_yn,
+        _expand_tile(v_ptr, arena_ptr, y_ptr, desc_ptr, b_list, b_row0, rank, scale, row0, row_end, m * v_mod,
+                     col, width, n0, page_elems, stride_vm, stride_ym, stride_yn,
                      SHORT_M, BLOCK_R_SHORT, BLOCK_N, False, False, PRECISION)
     else:
-        _expand_tile(v_ptr, arena_ptr, y_ptr, desc_ptr, b_list, rank, scale, row0, row_end, m * v_mod, col,
-                     width, n0, page_elems, stride_vm, stride_ym, stride_yn,
+        _expand_tile(v_ptr, arena_ptr, y_ptr, desc_ptr, b_list, b_row0, rank, scale, row0, row_end, m * v_mod,
+                     col, width, n0, page_elems, stride_vm, stride_ym, stride_yn,
                      LONG_M, BLOCK_R_LONG, BLOCK_N, True, UPCAST, PRECISION)
 
 
@@ -228,7 +233,7 @@ class TritonLoraBackend(LoraBackend):
         self._v = torch.empty(0, dtype=torch.float32, device=arena.device)
 
     def write_adapter(self, table: AdapterPageTable, weights: AdapterWeights) -> None:
-        self.writer.write(table.uid, adapter_matrices(table, weights))
+        self.writer.write(table, weights)
 
     def drop_adapter(self, uid: int) -> None:
         self._blocks.pop(uid, None)

@@ -1,20 +1,21 @@
 """Which adapters are resident in the unified pool. Plain Python; no torch.
 
 A resident adapter holds pages in proportion to its real ranks and modules (see
-``server/page_layout.py``). Adapters used by a running request are pinned (a count per adapter);
-idle ones stay resident as a cache: they are parked in the pool, where KV blocks or another
-adapter reclaim their pages in one order with unreferenced cached KV blocks (``server/evictor.py``
-says how the two are weighed). Evicted uids are queued so the runner can drop anything it derived
-from their pages.
+``server/page_layout.py``; its rows are packed by ``server/adapter_packing.py``). Adapters used by a
+running request are pinned (a count per adapter); idle ones stay resident as a cache: they are parked in
+the pool, where KV blocks or another adapter reclaim their pages in one order with unreferenced cached
+KV blocks (``server/evictor.py`` says how the two are weighed). Evicted uids are queued so the runner
+can drop anything it derived from their pages.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from server.adapter_packing import AdapterPacking, pack
 from server.errors import AdapterTooLarge
-from server.page_layout import AdapterPageTable, LoraMatrixPages, PageLayout
+from server.page_layout import STORAGE_ITEMSIZE, AdapterPageTable, PageLayout
 from server.pool import PagePool
 
 
@@ -28,17 +29,25 @@ class ModuleSpec:
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """The shape of an adapter's weights (no tensors): what residency needs to place it."""
+    """The shape of an adapter's weights (no tensors): what residency needs to place it.
+    ``dtype``: the storage dtype of its pages (None: the model's)."""
 
     uid: int
     name: str
     modules: dict[tuple[int, str], ModuleSpec]
+    dtype: str | None = None
+    _packings: dict[PageLayout, AdapterPacking] = field(default_factory=dict, compare=False, repr=False)
+
+    def packing(self, layout: PageLayout) -> AdapterPacking:
+        """Where its rows go (server/adapter_packing.py); computed once per layout."""
+        hit = self._packings.get(layout)
+        if hit is None:
+            itemsize = STORAGE_ITEMSIZE[self.dtype] if self.dtype else None
+            hit = self._packings[layout] = pack(self.modules, layout, itemsize)
+        return hit
 
     def pages_needed(self, layout: PageLayout) -> int:
-        return sum(
-            layout.pages_for_rows(m.rank, m.in_features) + layout.pages_for_rows(m.rank, m.out_features)
-            for m in self.modules.values()
-        )
+        return self.packing(layout).num_pages
 
 
 class AdapterResidency:
@@ -90,22 +99,13 @@ class AdapterResidency:
         Raises AdapterTooLarge if it needs more pages than the whole pool, and OutOfPages (from
         the pool) if pinned adapters and KV blocks leave too little room; the caller then waits.
         """
-        need = spec.pages_needed(self.layout)
+        packing = spec.packing(self.layout)
+        need = packing.num_pages
         if need > self.pool.num_pages:
             raise AdapterTooLarge(
                 f"adapter {spec.name!r} needs {need} pages; the pool has {self.pool.num_pages}"
             )
-        pages = iter(self.pool.allocate(need, "adapter"))
-        modules = {}
-        for key in sorted(spec.modules):
-            m = spec.modules[key]
-            a = self.layout.pages_for_rows(m.rank, m.in_features)
-            b = self.layout.pages_for_rows(m.rank, m.out_features)
-            modules[key] = LoraMatrixPages(
-                rank=m.rank, scale=m.scale, in_features=m.in_features, out_features=m.out_features,
-                a_pages=tuple(next(pages) for _ in range(a)), b_pages=tuple(next(pages) for _ in range(b)),
-            )
-        table = AdapterPageTable(uid=spec.uid, modules=modules)
+        table = packing.place(spec.uid, spec.modules, self.pool.allocate(need, "adapter"), spec.dtype)
         self._resident[spec.uid] = table
         self._park(spec.uid)
         self.loads_total += 1

@@ -44,6 +44,25 @@ from server.page_layout import PageLayout
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class AdapterStorage:
+    """How an adapter's rows are stored in the pool (``EngineConfig.adapter_dtype``): the model
+    dtype, or bf16 where the LoRA backend reads bf16 rows and the adapter's weights are bf16 (``auto``:
+    lossless) or the user asked for it (``bfloat16``)."""
+
+    mode: str  # auto | model | bfloat16
+    model_dtype: torch.dtype
+    readable: tuple[torch.dtype, ...]  # by the LoRA backend
+
+    def dtype_for(self, parsed: ParsedAdapter) -> str | None:
+        """The storage dtype's name, or None for the model's own."""
+        if self.mode == "model" or self.model_dtype == torch.bfloat16 or torch.bfloat16 not in self.readable:
+            return None
+        if self.mode == "bfloat16" or parsed.source_dtype == torch.bfloat16:
+            return "bfloat16"
+        return None
+
+
 @dataclass(eq=False)
 class AdapterRef:
     adapter_id: str
@@ -59,8 +78,10 @@ class AdapterRef:
 
 class AdapterManager:
     def __init__(self, store: AdapterStore, model: ModelConfig, layout: PageLayout, num_pages: int,
-                 host_cache_bytes: int, max_rank: int, dtype: torch.dtype) -> None:
+                 host_cache_bytes: int, max_rank: int, dtype: torch.dtype,
+                 storage: AdapterStorage | None = None) -> None:
         self.store = store
+        self.storage = storage or AdapterStorage("model", dtype, (dtype,))
         self.model = model
         self.layout = layout
         self.num_pages = num_pages
@@ -269,7 +290,7 @@ class AdapterManager:
         shapes = self.model.linear_shapes()
         return AdapterSpec(uid=uid, name=name, modules={
             key: ModuleSpec(w.rank, w.scale, *shapes[key[1]]) for key, w in parsed.weights.items()
-        })
+        }, dtype=self.storage.dtype_for(parsed))
 
     def shutdown(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")  # auto: bf16 where native, else fp32
+ADAPTER_DTYPES = ("auto", "model", "bfloat16")  # how adapter rows are stored in the pool
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class EngineConfig:
     store_rescan_interval: float = 0.5  # seconds between rescans of a (possibly shared) store
     host_cache_bytes: int = 1024 * 2**20
     max_lora_rank: int = 256
+    # auto: bf16 rows for adapters whose files are bf16 (lossless; half the bytes a step reads) when
+    # the LoRA kernel reads bf16, else the model dtype; model: always the model dtype; bfloat16:
+    # every adapter rounded to bf16 (fp32 adapters may then change greedy tokens).
+    adapter_dtype: str = "auto"
     max_adapters_per_step: int | None = None  # cap on distinct adapters in one step
     num_threads: int | None = None  # torch intra-op threads; None = all cores
     kernel_backend: str | None = None  # torch | native | triton; None = triton on CUDA, native (fused
@@ -39,6 +44,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"adapter_dtype must be one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.kernel_backend not in (None, "torch", "native", "triton"):

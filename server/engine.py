@@ -20,7 +20,7 @@ import torch
 from adapter_store.store import AdapterStore
 from kernels.backend import select_backend
 from server.adapter_info import describe
-from server.adapters import AdapterManager, AdapterRef
+from server.adapters import AdapterManager, AdapterRef, AdapterStorage
 from server.config import EngineConfig
 from server.engine_types import AdapterInfo, EngineStats, PrefixCacheInfo, RequestOutput, TokenLogprob
 from server.errors import AdapterUnavailable, ContextLengthExceeded, InvalidRequest
@@ -77,8 +77,8 @@ class LLMEngine:
         self.model_name = _model_name(loaded.source)
         limit = mc.max_position_embeddings
         self.max_model_len = min(config.max_model_len or limit, limit)
-        self.layout = PageLayout.for_model(mc, config.block_size)
-        page_bytes = self.layout.page_elems * dtype.itemsize
+        self.layout = PageLayout.for_model(mc, config.block_size, dtype.itemsize)
+        page_bytes = self.layout.page_bytes
         num_pages = config.pool_bytes // page_bytes
         if num_pages < mc.num_layers:
             raise ValueError(f"pool_bytes={config.pool_bytes} holds {num_pages} pages; "
@@ -89,8 +89,9 @@ class LLMEngine:
                                   seed=config.seed, lora_backend=config.lora_backend,
                                   prepack=config.prepack_weights)
         store = AdapterStore(Path(config.adapter_store_dir))
+        storage = AdapterStorage(config.adapter_dtype, dtype, self.runner.lora.storage_dtypes)
         self.adapters = AdapterManager(store, mc, self.layout, num_pages, config.host_cache_bytes,
-                                       config.max_lora_rank, dtype)
+                                       config.max_lora_rank, dtype, storage)
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                     config.max_adapters_per_step, config.enable_prefix_caching)
         self.scheduler = Scheduler(sched_cfg, self.pool, self.layout, self.adapters)

@@ -53,7 +53,13 @@ class ModelRunner:
         some = weights["model.embed_tokens.weight"]
         self.layout = layout
         self.backend = backend
-        self.arena = torch.zeros(num_pages, layout.page_elems, dtype=some.dtype, device=some.device)
+        # The pool's memory: pages of bytes. KV blocks are read in the model dtype; an adapter's rows
+        # in its storage dtype (a view of the same bytes; kernels/lora_pages.py storage_view).
+        self.arena_bytes = torch.zeros(num_pages, layout.page_bytes, dtype=torch.uint8, device=some.device)
+        self.arena = self.arena_bytes.view(some.dtype)
+        if self.arena.shape[1] != layout.page_elems:
+            raise ValueError(f"the layout's pages hold {layout.page_elems} elements of {layout.itemsize} "
+                             f"bytes; the model dtype is {some.dtype}")
         self.kv_pages = self.arena.view(
             num_pages, 2, layout.block_size, layout.num_kv_heads, layout.head_dim
         )

@@ -68,6 +68,11 @@ class ServerSettings(BaseSettings):
         ByteSize(1024 * MiB), gt=0, description="Host-memory LRU cache of adapter weights (bytes)."
     )
     max_lora_rank: int = Field(256, gt=0, description="Largest LoRA rank accepted on upload.")
+    adapter_dtype: Literal["auto", "model", "bfloat16"] = Field(
+        "auto", description="How adapter weights are stored in the pool. auto: adapters whose files are "
+        "bf16 stay bf16 (lossless; half the bytes each decode step reads) where the LoRA kernel reads "
+        "bf16, others in the model dtype; model: always the model dtype; bfloat16: every adapter rounded "
+        "to bf16 (an fp32 adapter's greedy tokens may then differ from PEFT's).")
     enable_prefix_caching: bool = Field(
         True, description="Reuse the KV cache of repeated prompt prefixes (system prompts, earlier turns), "
         "kept per adapter version. --no-enable-prefix-caching turns it off.")
@@ -142,6 +147,7 @@ class ServerSettings(BaseSettings):
             store_rescan_interval=self.store_rescan_interval,
             host_cache_bytes=int(self.host_cache_bytes),
             max_lora_rank=self.max_lora_rank,
+            adapter_dtype=self.adapter_dtype,
             num_threads=self.threads,
             kernel_backend=self.kernel_backend,
             lora_backend=self.lora_backend,

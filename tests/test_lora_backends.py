@@ -6,9 +6,11 @@ The Triton backend runs under TRITON_INTERPRET=1 without a GPU (conftest.py), he
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
-from lora_cases import GROUPS, LAYOUT, PageAlloc, dense_group, model_adapters
+from lora_cases import GROUPS, LAYOUT, SHAPES, Dense, PageAlloc, dense_group, model_adapters
 
 from adapter_store.peft_format import LoraWeights
 from kernels.backend import select_lora_backend
@@ -16,8 +18,10 @@ from kernels.lora import LoraSegments
 from kernels.lora_pages import read_matrix_rows
 from kernels.native_lib import available as native_available
 from kernels.step_buffer import StepBuffer, StepPack
+from server.adapter_residency import AdapterResidency, AdapterSpec, ModuleSpec
 from server.model_config import LoraGroup
 from server.page_layout import AdapterPageTable, LoraMatrixPages
+from server.pool import PagePool
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 Q_ONLY = LoraGroup("q", ("q_proj",), 32, (32,))
@@ -129,3 +133,39 @@ def test_write_adapter_and_reuse_of_pages_after_drop(name: str, dtype: torch.dty
         assert uid in backend
         backend.drop_adapter(uid)
         assert uid not in backend
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_packed_adapters_in_their_storage_dtypes(name: str, dtype: torch.dtype) -> None:
+    """Adapters placed by the pool (rows of several matrices and layers sharing pages, each matrix
+    from its own row of its first page), some stored in bf16 when the backend reads bf16 rows (in an
+    fp32 arena: half the bytes), give the dense result of their weights."""
+    arena = torch.zeros(256, LAYOUT.page_elems, dtype=dtype, device=DEVICE)
+    backend = make_backend(name, arena)
+    residency = AdapterResidency(PagePool(256), replace(LAYOUT, itemsize=arena.element_size()))
+    bf16_rows = torch.bfloat16 in backend.storage_dtypes
+    tables, dense = [], []
+    for uid, (rank, stored) in enumerate(((3, None), (8, "bfloat16"), (1, "bfloat16"), (16, None)), start=1):
+        stored = stored if bf16_rows else None
+        modules = {(layer, m): ModuleSpec(rank + layer, 0.5 + uid / 4, *SHAPES[m])
+                   for layer in (0, 1) for m in SHAPES}
+        table = residency.load(AdapterSpec(uid, f"a{uid}", modules, stored))
+        assert table.dtype == stored
+        weights = {key: LoraWeights(w.a.bfloat16().float(), w.b.bfloat16().float(), w.rank, w.scale)
+                   for key, w in _weights(table, torch.float32, seed=uid).items()}  # exact in bf16
+        backend.write_adapter(table, weights)
+        tables.append(table)
+        dense.append({key: Dense(w.a.to(dtype), w.b.to(dtype), w.scale) for key, w in weights.items()})
+    assert any(len(m.a_pages) > 1 or m.a_row0 for t in tables for m in t.modules.values())  # pages shared
+    seg_starts, seg_slots = [0, 1, 2, 3, 4, 9, 10], [0, 1, 2, 3, 1, -1]
+    step = run_step(backend, seg_starts, seg_slots, tables)
+    gen = torch.Generator().manual_seed(9)
+    for layer in (0, 1):
+        for group in GROUPS:
+            x = torch.randn(10, group.in_features, generator=gen).to(dtype)
+            y = torch.randn(10, group.out_features, generator=gen).to(dtype)
+            expected = dense_group(x, y, seg_starts, seg_slots, dense, layer, group)
+            y_dev = y.to(DEVICE)
+            step.apply(layer, group, x.to(DEVICE), y_dev)
+            torch.testing.assert_close(y_dev.double().cpu(), expected, **TOL[dtype])

@@ -8,7 +8,7 @@ import torch
 from kernels.backend import lora_backend_name, select_lora_backend
 from kernels.lora import LoraSegments
 from kernels.lora_native import NativeLoraBackend, write_adapter_rows
-from kernels.lora_pages import read_matrix_rows, write_matrix_rows
+from kernels.lora_pages import read_matrix_rows, storage_view, write_matrix_rows
 from kernels.lora_torch import TorchLoraBackend
 from kernels.native_lib import available, build
 from kernels.step_buffer import StepPack
@@ -80,23 +80,29 @@ def test_backend_selection_and_cached_build(tmp_path) -> None:
     assert build(tmp_path) == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_write_adapter_rows_matches_write_matrix_rows(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("arena_dtype", "rows_dtype"), [(torch.float32, None), (torch.bfloat16, None),
+                                                        (torch.float32, "bfloat16")])
+def test_write_adapter_rows_matches_write_matrix_rows(arena_dtype: torch.dtype,
+                                                      rows_dtype: str | None) -> None:
     gen = torch.Generator().manual_seed(3)
-    mats = [(torch.randn(5, 37, generator=gen), (9, 2)),
-            (torch.randn(48, 7, generator=gen).t(), (4, 0, 11, 5)),  # a strided source, like B.t()
-            (torch.randn(1, 128, generator=gen), (6,))]
-    ref = torch.zeros(12, LAYOUT.page_elems, dtype=dtype)
-    got = torch.full((12, LAYOUT.page_elems), 7.0, dtype=dtype)
-    for rows, pages in mats:
-        write_matrix_rows(ref, pages, rows)
-    write_adapter_rows(got, LAYOUT.page_elems, mats)
-    for rows, pages in mats:
-        back = read_matrix_rows(got, pages, *rows.shape)
-        assert torch.equal(back, read_matrix_rows(ref, pages, *rows.shape))
-        assert torch.equal(back, rows.to(dtype))
-    assert torch.equal(got[3], torch.full((LAYOUT.page_elems,), 7.0, dtype=dtype))  # untouched page
+    # (rows, pages, row0): a matrix from row 1 of its first page; two sharing page 9 (rows of 37 fit
+    # 3 to a 128-element page, 6 to a page of bf16 rows in an fp32 arena)
+    mats = [(torch.randn(5, 37, generator=gen), (9, 2), 1),
+            (torch.randn(48, 7, generator=gen).t(), (4, 0, 11, 5), 0),  # a strided source, like B.t()
+            (torch.randn(1, 128, generator=gen), (6,), 0),
+            (torch.randn(1, 37, generator=gen), (9,), 0)]
+    ref = storage_view(torch.zeros(12, LAYOUT.page_elems, dtype=arena_dtype), rows_dtype)
+    arena = torch.full((12, LAYOUT.page_elems), 7.0, dtype=arena_dtype)
+    got = storage_view(arena, rows_dtype)
+    for rows, pages, row0 in mats:
+        write_matrix_rows(ref, pages, rows, row0)
+    write_adapter_rows(got, mats)
+    for rows, pages, row0 in mats:
+        back = read_matrix_rows(got, pages, *rows.shape, row0)
+        assert torch.equal(back, read_matrix_rows(ref, pages, *rows.shape, row0))
+        assert torch.equal(back, rows.to(got.dtype))
+    assert torch.equal(arena[3], torch.full((LAYOUT.page_elems,), 7.0, dtype=arena_dtype))  # untouched page
     with pytest.raises(ValueError, match="fit"):
-        write_adapter_rows(got, LAYOUT.page_elems, [(torch.randn(9, 37), (1, 2))])  # 9 rows > 2 pages x 3
+        write_adapter_rows(got, [(torch.randn(99, 37), (1, 2), 0)])  # more rows than 2 pages hold
     with pytest.raises(ValueError, match="outside"):
-        write_adapter_rows(got, LAYOUT.page_elems, [(torch.randn(2, 37), (12,))])
+        write_adapter_rows(got, [(torch.randn(2, 37), (12,), 0)])

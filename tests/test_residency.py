@@ -10,10 +10,10 @@ from tests.sched_helpers import LAYOUT, FakeDisk, make_request, make_scheduler, 
 
 def test_pages_scale_with_rank():
     disk = FakeDisk()
-    # rows of 8 in a 16-element page: 2 rows a page; A and B^T each; 2 layers
+    # rows of 8 in a 16-element page: 2 rows a page; one stream of A and B^T rows over 2 layers
     assert disk.add(1, rank=2).pages_needed(LAYOUT) == 2 * (1 + 1)
     assert disk.add(2, rank=8).pages_needed(LAYOUT) == 2 * (4 + 4)
-    assert disk.add(3, rank=1).pages_needed(LAYOUT) == 2 * (1 + 1)
+    assert disk.add(3, rank=1).pages_needed(LAYOUT) == 2  # 4 rows: two matrices share each page
 
 
 def test_load_assigns_pages_in_module_order():
