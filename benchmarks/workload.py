@@ -48,13 +48,14 @@ class Scenario:
     num_adapters: int = 0  # 0 = base model only
     ranks: tuple[int, ...] = RANKS
     all_modules_every: int = 2  # every k-th adapter targets all seven modules, the rest q,k,v,o
-    choice: str = "uniform"  # uniform | powerlaw
+    choice: str = "uniform"  # uniform | powerlaw | cycle (request i takes adapter i mod N: N distinct)
     powerlaw_alpha: float = 1.0
     prompt_len: tuple[int, int] = (32, 128)  # uniform in [lo, hi]
     output_len: tuple[int, int] = (48, 80)
     rate: float | None = None  # Poisson arrivals per second; None = all at once (closed loop)
     shared_prefix_len: int = 0  # tokens of one "system prompt" every request starts with
     with_base: bool = False  # requests choose among the adapters and the base model
+    warm: bool = False  # every adapter is used once before the timed run (resident in every system)
     max_num_seqs: int = 64
     seed: int = 0
     tags: dict[str, str] = field(default_factory=dict)
@@ -77,7 +78,9 @@ def adapter_specs(n: int, ranks: tuple[int, ...] = RANKS, all_modules_every: int
     return out
 
 
-def _choose(rng: random.Random, n: int, choice: str, alpha: float) -> int:
+def _choose(rng: random.Random, n: int, choice: str, alpha: float, i: int) -> int:
+    if choice == "cycle":
+        return i % n
     if choice == "uniform":
         return rng.randrange(n)
     if choice == "powerlaw":
@@ -99,12 +102,18 @@ def make_requests(sc: Scenario, adapters: list[AdapterSpec]) -> list[RequestSpec
     for i in range(sc.num_requests):
         plen = rng.randint(*sc.prompt_len)
         prompt = system + [rng.randint(*PROMPT_TOKEN_RANGE) for _ in range(plen)]
-        pick = _choose(rng, len(choices), sc.choice, sc.powerlaw_alpha) if len(choices) > 1 else 0
+        pick = _choose(rng, len(choices), sc.choice, sc.powerlaw_alpha, i) if len(choices) > 1 else 0
         adapter = choices[pick]
         if sc.rate:
             t += rng.expovariate(sc.rate)
         out.append(RequestSpec(f"{sc.name}-{i}", prompt, rng.randint(*sc.output_len), adapter, t))
     return out
+
+
+def workload_tokens(requests: list[RequestSpec]) -> tuple[int, int]:
+    """(tokens a model computes, rows it samples) to serve ``requests``: each prompt and every output
+    token but the last goes through the layers; every output token is sampled."""
+    return (sum(len(r.prompt_ids) + r.max_tokens - 1 for r in requests), sum(r.max_tokens for r in requests))
 
 
 def save_requests(path: Path, requests: list[RequestSpec]) -> None:

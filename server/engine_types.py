@@ -32,6 +32,19 @@ class RequestOutput:
 
 
 @dataclass(frozen=True)
+class StepInfo:
+    """What one engine step computed; ``LLMEngine.last_step`` (the benchmark reads it)."""
+
+    num_tokens: int
+    num_decode: int  # sequences that computed exactly one token
+    num_sampled: int  # rows that went through the LM head
+    num_running: int
+    adapters: int  # distinct adapters among the step's tokens
+    adapter_bytes: int  # their weights in the pool: what the step's LoRA kernels stream
+    seconds: float  # the runner's part: tensors, forward, sampling
+
+
+@dataclass(frozen=True)
 class AdapterInfo:
     adapter_id: str
     uid: int  # unique per upload; a re-added name gets a new uid

@@ -26,6 +26,7 @@ one row of the widest LoRA matrix.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from server.model_config import ModelConfig
 
@@ -117,9 +118,10 @@ class AdapterPageTable:
             return list(self.pages)
         return list(dict.fromkeys(p for m in self.modules.values() for p in (*m.a_pages, *m.b_pages)))
 
+    @cached_property
     def weight_elems(self) -> int:
         """Elements of A and B^T rows: what a step that uses every module reads."""
         return sum(m.rank * (m.in_features + m.out_features) for m in self.modules.values())
 
     def weight_bytes(self, model_itemsize: int) -> int:
-        return self.weight_elems() * (STORAGE_ITEMSIZE[self.dtype] if self.dtype else model_itemsize)
+        return self.weight_elems * (STORAGE_ITEMSIZE[self.dtype] if self.dtype else model_itemsize)

@@ -16,6 +16,7 @@ from pydantic import ByteSize, Field, SecretStr, ValidationError, field_validato
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.config import EngineConfig
+from server.memory import DEFAULT_FRACTION
 
 ENV_PREFIX = "LORA_SERVER_"
 MiB = 2**20
@@ -35,11 +36,17 @@ class ServerSettings(BaseSettings):
         "float32", description="Serving dtype. auto: bfloat16 where the hardware computes in it "
         "natively (CUDA, or a CPU with AMX / AVX-512 BF16), else float32.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
-    pool_bytes: ByteSize = Field(
-        ByteSize(512 * MiB),
+    pool_bytes: ByteSize | None = Field(
+        None,
         gt=0,
         description="Budget of the unified page pool that holds the KV cache and resident adapters "
-        "(bytes; units such as 512MiB or 2GiB are accepted).",
+        "(bytes; units such as 512MiB or 2GiB are accepted). Unset: --pool-memory-fraction of the "
+        "memory available at start-up.",
+    )
+    pool_memory_fraction: float = Field(
+        DEFAULT_FRACTION, gt=0, le=0.95,
+        description="Without --pool-bytes, the fraction of the memory available at start-up (after the "
+        "model is loaded; within the container's memory limit; free GPU memory on CUDA) the pool takes.",
     )
     block_size: int = Field(16, gt=0, description="Tokens per KV page (a power of two).")
     max_model_len: int | None = Field(
@@ -137,7 +144,8 @@ class ServerSettings(BaseSettings):
             model=self.model,
             dtype=self.dtype,
             device=self.device,
-            pool_bytes=int(self.pool_bytes),
+            pool_bytes=None if self.pool_bytes is None else int(self.pool_bytes),
+            pool_memory_fraction=self.pool_memory_fraction,
             block_size=self.block_size,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,

@@ -40,9 +40,13 @@ def server(job: dict) -> Iterator[tuple[str, subprocess.Popen]]:
     port = _free_port()
     cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),
            "--threads", str(job["threads"]), "--dtype", job["dtype"],
-           "--adapter-store-dir", job["adapter_store"], "--pool-bytes", str(job["pool_bytes"]),
-           "--max-num-seqs", str(job["max_num_seqs"]), "--host-cache-bytes", str(2 * 2**30),
-           "--log-level", "warning", *(["--model", job["serving_dir"]] if job.get("serving_dir") else [])]
+           "--adapter-store-dir", job["adapter_store"], "--max-num-seqs", str(job["max_num_seqs"]),
+           "--host-cache-bytes", str(2 * 2**30),
+           "--log-level", "warning"]
+    if job.get("pool_bytes"):
+        cmd += ["--pool-bytes", str(job["pool_bytes"])]
+    if job.get("serving_dir"):
+        cmd += ["--model", job["serving_dir"]]
     env = {**os.environ, "GOMP_SPINCOUNT": "20000", "OMP_NUM_THREADS": str(job["threads"])}
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -97,21 +101,22 @@ async def _drive(url: str, requests: list[RequestSpec]) -> tuple[dict[str, Reque
         return rec, time.perf_counter() - start
 
 
-def _warm(url: str, adapter: str | None) -> None:
-    warm = RequestSpec("warmup", list(range(300, 340)), 4, adapter)
-    asyncio.run(_drive(url, [warm]))
+def _warm(url: str, adapters: list[str | None]) -> None:
+    """One short request per adapter (None: the base model), all at once."""
+    warm = [RequestSpec(f"warmup-{i}", list(range(300, 340)), 4, a) for i, a in enumerate(adapters or [None])]
+    asyncio.run(_drive(url, warm))
 
 
 def run(job: dict, requests: list[RequestSpec]) -> dict:
     with server(job) as (url, proc):
-        _warm(url, job.get("warmup_adapter"))
+        _warm(url, job.get("warm_adapters") or [])
         rec, wall = asyncio.run(_drive(url, requests))
         return summarize(list(rec.values()), wall, pid_peak_rss(proc.pid))
 
 
 def cold_vs_hot(job: dict, adapters: list[str]) -> dict:
     with server(job) as (url, _):
-        _warm(url, None)
+        _warm(url, [None])
         cold, hot = [], []
         for name in adapters:
             for sink in (cold, hot):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from dataclasses import replace
 
+from benchmarks.machine import ModelShape, model_flops
 from benchmarks.metrics import RequestTiming, self_peak_rss, summarize
 from benchmarks.workload import RequestSpec
 from server.config import EngineConfig
 from server.engine import LLMEngine
+from server.engine_types import StepInfo
 from server.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -19,7 +22,7 @@ def engine_config(job: dict) -> EngineConfig:
     """The engine configuration of a job: its dtype, threads, adapter root and any overrides."""
     base = EngineConfig(model=job.get("serving_dir"), dtype=job["dtype"], num_threads=job["threads"],
                         adapter_store_dir=job["adapter_store"],
-                        pool_bytes=job["pool_bytes"], max_num_seqs=job["max_num_seqs"],
+                        pool_bytes=job.get("pool_bytes"), max_num_seqs=job["max_num_seqs"],
                         host_cache_bytes=2 * 2**30)
     return replace(base, **job.get("engine_overrides", {}))
 
@@ -28,15 +31,20 @@ def _params(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
 
-def warm_up(engine: LLMEngine, adapter: str | None) -> None:
-    """One short request (with ``adapter`` if given) so first-call costs aren't measured."""
-    engine.add_request(list(range(300, 340)), _params(4), adapter, request_id="warmup")
+def warm_up(engine: LLMEngine, adapters: list[str | None]) -> None:
+    """One short request per adapter in ``adapters`` (None: the base model), all at once, so that
+    first-call costs aren't measured and, in warm scenarios, every adapter is resident."""
+    for i, adapter in enumerate(adapters or [None]):
+        engine.add_request(list(range(300, 340)), _params(4), adapter, request_id=f"warmup-{i}")
     while engine.has_work():
-        engine.step()
+        if not engine.step() and not engine.scheduler.running:
+            time.sleep(0.001)  # adapters being read from disk: let the loader thread run
 
 
-def drive(engine: LLMEngine, requests: list[RequestSpec]) -> tuple[dict[str, RequestTiming], float]:
-    """Submit each request at its arrival time and step until all finish; per-request timings."""
+def drive(engine: LLMEngine, requests: list[RequestSpec],
+          steps: list[StepInfo] | None = None) -> tuple[dict[str, RequestTiming], float]:
+    """Submit each request at its arrival time and step until all finish; per-request timings (and
+    what each step computed, into ``steps``)."""
     pending = sorted(requests, key=lambda r: r.arrival)
     timings: dict[str, RequestTiming] = {}
     start = time.perf_counter()
@@ -52,6 +60,9 @@ def drive(engine: LLMEngine, requests: list[RequestSpec]) -> tuple[dict[str, Req
             time.sleep(max(0.0, start + pending[i].arrival - time.perf_counter()))
             continue
         outs = engine.step()
+        if steps is not None and engine.last_step is not None:
+            steps.append(engine.last_step)
+            engine.last_step = None
         if not outs and not engine.scheduler.running:
             # Everything waits on an adapter read: spinning on step() would hold the GIL and starve
             # the loader thread (measured: a 30 ms read took 9 s). AsyncEngine needs the same.
@@ -65,22 +76,37 @@ def drive(engine: LLMEngine, requests: list[RequestSpec]) -> tuple[dict[str, Req
     return timings, time.perf_counter() - start
 
 
+def decode_summary(steps: list[StepInfo], batch: int) -> dict:
+    """The steady state: steps that only decode, with ``batch`` requests running (medians)."""
+    full = [s for s in steps if s.num_decode == s.num_tokens == batch]
+    if not full:
+        return {"decode_steps": 0}
+    ms = statistics.median(s.seconds for s in full) * 1e3
+    shape = ModelShape.smollm2()
+    return {"decode_steps": len(full), "decode_step_ms": ms, "decode_tok_s": batch / ms * 1e3,
+            "decode_gflops": model_flops(shape, batch, batch) / ms / 1e6,
+            "adapters_step": statistics.median(s.adapters for s in full),
+            "adapter_bytes_step": statistics.median(s.adapter_bytes for s in full)}
+
+
 def run(job: dict, requests: list[RequestSpec]) -> dict:
     engine = LLMEngine(engine_config(job))
-    warm_up(engine, job.get("warmup_adapter"))
+    warm_up(engine, job.get("warm_adapters") or [])
     before = engine.stats().prefix_cache
-    timings, wall = drive(engine, requests)
+    steps: list[StepInfo] = []
+    timings, wall = drive(engine, requests, steps)
     result = summarize(list(timings.values()), wall, self_peak_rss())
     pc = engine.stats().prefix_cache
     queries = pc.queries - before.queries
     result["prefix_cache_hit_rate"] = (pc.hits - before.hits) / queries if queries else None
+    result.update(decode_summary(steps, job["max_num_seqs"]))
     return result
 
 
 def cold_vs_hot(job: dict, adapters: list[str]) -> dict:
     """TTFT of a lone request on a never-seen adapter (disk only), then on the same adapter hot."""
     engine = LLMEngine(engine_config(job))
-    warm_up(engine, None)
+    warm_up(engine, [None])
     prompt = list(range(500, 564))
     cold, hot = [], []
     for name in adapters:

@@ -2,8 +2,16 @@
 
 Usage: ``.venv-vllm/bin/python -m benchmarks.systems.vllm_worker JOB.json OUT.json`` from the repo
 root. Imports only the stdlib parts of the harness (vLLM's venv has none of our dependencies).
-The engine core is spawned as a process, hence the ``__main__`` guard. Offline ``generate`` gives
-no per-token times, so only throughput (and TTFT where vLLM records it) is reported.
+The engine core is spawned as a process, hence the ``__main__`` guard.
+
+Fair LoRA settings (vLLM's scheduler runs at most ``max_loras`` distinct adapters per step, keeps
+``max_cpu_loras`` in host memory, and pads every adapter to ``max_lora_rank``): ``max_loras`` = the
+distinct adapters a step can hold (the scenario's adapters, up to ``max_num_seqs``),
+``max_cpu_loras`` = all the scenario's adapters, ``max_lora_rank`` = the largest rank in it (rounded
+up to a rank vLLM accepts). In warm scenarios every adapter is used once before the timed run.
+
+Offline ``generate`` gives no per-token times, and vLLM's request metrics mix a wall-clock arrival
+time with monotonic token times, so only throughput is reported (no TTFT or ITL).
 """
 
 from __future__ import annotations
@@ -20,12 +28,16 @@ from benchmarks.workload import load_requests
 log = logging.getLogger(__name__)
 
 
-def _ttft(out: object) -> float | None:
-    m = getattr(out, "metrics", None)
-    first, arrival = getattr(m, "first_token_ts", None), getattr(m, "arrival_time", None)
-    if first and arrival:
-        return first - arrival
-    return getattr(m, "first_token_latency", None) or None
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # max_lora_rank values vLLM accepts
+
+
+def lora_settings(job: dict, names: list[str]) -> dict:
+    """vLLM's LoRA limits fitted to the scenario (see the module docstring)."""
+    if not names:
+        return {"enable_lora": False}
+    rank = max(job["adapter_ranks"][n] for n in names)
+    return {"enable_lora": True, "max_loras": min(len(names), job["max_num_seqs"]),
+            "max_cpu_loras": len(names), "max_lora_rank": next(r for r in VLLM_RANKS if r >= rank)}
 
 
 def run(job: dict) -> dict:
@@ -36,30 +48,31 @@ def run(job: dict) -> dict:
     requests = load_requests(Path(job["requests"]))
     names = sorted({r.adapter_id for r in requests if r.adapter_id})
     ids = {name: i + 1 for i, name in enumerate(names)}
+    lora = lora_settings(job, names)
     # The same per-step token budget as our engine (EngineConfig.max_num_batched_tokens): vLLM's
     # default (4096) made one fp32 step with LoRA outlast its 300 s RPC timeout on an AVX2 CPU.
-    llm = LLM(model=job["model_dir"], dtype=job["dtype"], enable_lora=bool(names), max_loras=8,
-              max_lora_rank=64, max_num_seqs=job["max_num_seqs"], max_num_batched_tokens=512,
-              skip_tokenizer_init=True, seed=0, enable_prefix_caching=True)
+    llm = LLM(model=job["model_dir"], dtype=job["dtype"], max_num_seqs=job["max_num_seqs"],
+              max_num_batched_tokens=512, skip_tokenizer_init=True, seed=0, enable_prefix_caching=True,
+              **lora)
+
+    def request(name: str | None) -> LoRARequest | None:
+        return LoRARequest(name, ids[name], f"{job['adapter_root']}/{name}") if name else None
+
+    warm = names if job["scenario"].get("warm") else names[:1]
+    warm_prompts = [TokensPrompt(prompt_token_ids=list(range(300, 340)))] * max(len(warm), 1)
+    llm.generate(warm_prompts, SamplingParams(max_tokens=4, detokenize=False),
+                 lora_request=[request(n) for n in warm] if warm else None, use_tqdm=False)
     prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests]
     params = [SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True, detokenize=False)
               for r in requests]
-    loras = [LoRARequest(r.adapter_id, ids[r.adapter_id], f"{job['adapter_root']}/{r.adapter_id}")
-             if r.adapter_id else None for r in requests]
-    warm = [LoRARequest(names[0], ids[names[0]], f"{job['adapter_root']}/{names[0]}")] if names else None
-    llm.generate([TokensPrompt(prompt_token_ids=list(range(300, 340)))],
-                 SamplingParams(max_tokens=4, detokenize=False), lora_request=warm, use_tqdm=False)
     start = time.perf_counter()
-    outs = llm.generate(prompts, params, lora_request=loras if names else None, use_tqdm=False)
+    loras = [request(r.adapter_id) for r in requests] if names else None
+    outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
     wall = time.perf_counter() - start
-    timings = []
-    for out in outs:
-        t = RequestTiming(sent=start, num_tokens=len(out.outputs[0].token_ids))
-        ttft = _ttft(out)
-        if ttft is not None:
-            t.token_times.append(start + ttft)
-        timings.append(t)
-    return summarize(timings, wall, _tree_rss())
+    timings = [RequestTiming(sent=start, num_tokens=len(out.outputs[0].token_ids)) for out in outs]
+    result = summarize(timings, wall, _tree_rss())
+    result["settings"] = " ".join(f"{k}={v}" for k, v in lora.items() if k != "enable_lora") or "no LoRA"
+    return result
 
 
 def _tree_rss() -> int:
