@@ -46,7 +46,7 @@ def test_config_defaults_to_the_fraction() -> None:
 def test_default_on_a_24_gib_machine_holds_64_adapters_and_64_requests() -> None:
     """~20 GiB are available once SmolLM2 and the server are loaded on a 24 GiB machine: the default
     pool holds 64 distinct rank-64 q,k,v,o adapters (fp32 rows, the largest case) beside 64 running
-    requests of 2,048 tokens each."""
+    requests of 1,024 tokens each (5.0 of 7.0 GiB)."""
     from server.adapter_residency import AdapterSpec, ModuleSpec
     from server.model_config import ModelConfig
     from server.page_layout import PageLayout
@@ -56,5 +56,5 @@ def test_default_on_a_24_gib_machine_holds_64_adapters_and_64_requests() -> None
     layout, shapes = PageLayout.for_model(cfg), cfg.linear_shapes()
     adapter = AdapterSpec(1, "r64", {(layer, m): ModuleSpec(64, 2.0, *shapes[m]) for layer in range(30)
                                      for m in ("q_proj", "k_proj", "v_proj", "o_proj")})
-    need = 64 * adapter.pages_needed(layout) + 64 * layout.kv_blocks_for_tokens(2048) * layout.num_layers
+    need = 64 * adapter.pages_needed(layout) + 64 * layout.kv_blocks_for_tokens(1024) * layout.num_layers
     assert memory.pool_budget(memory.DEFAULT_FRACTION, 20 * 2**30) // layout.page_bytes >= need
