@@ -46,7 +46,7 @@ def test_config_defaults_to_the_fraction() -> None:
 def test_default_on_a_24_gib_machine_holds_64_adapters_and_64_requests() -> None:
     """~20 GiB are available once SmolLM2 and the server are loaded on a 24 GiB machine: the default
     pool holds 64 distinct rank-64 q,k,v,o adapters (fp32 rows, the largest case) beside 64 running
-    requests of 1,024 tokens each (5.0 of 7.0 GiB)."""
+    requests of 1,024 tokens each (4.7 of 7.0 GiB)."""
     from server.adapter_residency import AdapterSpec, ModuleSpec
     from server.model_config import ModelConfig
     from server.page_layout import PageLayout
