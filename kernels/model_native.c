@@ -42,10 +42,11 @@ static inline float vsum(vf v) {
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-/* exp(x) for x <= 88 (Cephes' expf: x = k ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r,
- * times 2^k; ~1 ulp), written so that loops over it vectorize; x < -87 gives ~1e-38, not 0. */
+/* exp(x) (Cephes' expf: x = k ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^k;
+ * ~1 ulp), written so that loops over it vectorize (libm's expf is a call per element); x is
+ * clamped to [-87, 88]: exp(-87) ~ 1.6e-38 stands for 0, exp(88) ~ 1.7e38 for overflow. */
 static inline float exp_approx(float x) {
-    x = x < -87.0f ? -87.0f : x;
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     const float k = __builtin_roundf(x * 1.44269504088896341f);
     const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -161,9 +162,13 @@ int silu_mul(int bf16, const void *gu, int64_t ldgu, void *out, int64_t ldo, int
             const float *g = as_f32(bf16, src, I, buf);
             const float *u = as_f32(bf16, src + (size_t)I * item, I, buf + I);
             float *o = buf + 2 * I;
-            for (int64_t i = 0; i < I; i++) {
-                const float s = g[i] / (1.0f + expf(-g[i]));
-                o[i] = bf16 ? rbf(s) * u[i] : s * u[i];
+#pragma omp simd
+            for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.0f + exp_approx(-g[i]));
+            if (bf16) {
+                for (int64_t i = 0; i < I; i++) o[i] = rbf(o[i]) * u[i];
+            } else {
+#pragma omp simd
+                for (int64_t i = 0; i < I; i++) o[i] *= u[i];
             }
             put_row(bf16, (char *)out + (size_t)(t * ldo) * item, o, I);
         }
@@ -177,9 +182,12 @@ int silu_mul(int bf16, const void *gu, int64_t ldgu, void *out, int64_t ldo, int
 static inline void rope_head(int bf16, float *x, const float *c, const float *s, int64_t D) {
     const int64_t half = D / 2;
     float tmp[512];
-    for (int64_t i = 0; i < D; i++) {
-        const float rot = i < half ? -x[i + half] : x[i - half];
-        tmp[i] = bf16 ? rbf(rbf(x[i] * c[i]) + rbf(rot * s[i])) : x[i] * c[i] + rot * s[i];
+    if (bf16) {
+        for (int64_t i = 0; i < half; i++) tmp[i] = rbf(rbf(x[i] * c[i]) + rbf(-x[i + half] * s[i]));
+        for (int64_t i = half; i < D; i++) tmp[i] = rbf(rbf(x[i] * c[i]) + rbf(x[i - half] * s[i]));
+    } else {
+        for (int64_t i = 0; i < half; i++) tmp[i] = x[i] * c[i] - x[i + half] * s[i];
+        for (int64_t i = half; i < D; i++) tmp[i] = x[i] * c[i] + x[i - half] * s[i];
     }
     memcpy(x, tmp, sizeof(float) * (size_t)D);
 }
