@@ -39,6 +39,12 @@ class _Stream:
     queue: asyncio.Queue[RequestOutput | BaseException]
 
 
+def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
+    """On the event loop: each output into its request's stream."""
+    for stream, out in items:
+        stream.queue.put_nowait(out)
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.engine = LLMEngine(config)
@@ -164,8 +170,7 @@ class AsyncEngine:
             draining = self._drain_inbox() or draining
             busy = self.engine.has_work()
             if busy:
-                for out in self._step():
-                    self._deliver(out)
+                self._deliver_all(self._step())
                 if time.monotonic() >= next_log:
                     self._log_stats()
                     next_log = time.monotonic() + STATS_LOG_SECONDS
@@ -224,6 +229,33 @@ class AsyncEngine:
         except Exception as exc:
             self._fail(live.request.request_id, exc)
 
+    def _deliver_all(self, outs: list[RequestOutput]) -> None:
+        """A step's outputs, handed to each event loop in one call: one wake-up of the loop per step
+        instead of one per request (each is a write to the loop's self-pipe and a separate turn of
+        its scheduler, on the cores the next step needs)."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        with self._lock:
+            for out in outs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue
+                if out.finished:
+                    del self._streams[out.request_id]
+                batches.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the consumers' event loop is closed: nobody will read these streams
+                for _, out in items:
+                    self._dropped(out)
+
+    def _dropped(self, out: RequestOutput) -> None:
+        log.warning("dropping request whose event loop is closed", extra={"request_id": out.request_id})
+        with self._lock:
+            self._streams.pop(out.request_id, None)
+        if not out.finished:
+            self.engine.abort(out.request_id)
+
     def _deliver(self, out: RequestOutput) -> None:
         if out.error is not None:  # the engine ended it for a fault: the caller gets the error
             self._fail(out.request_id, out.error)
@@ -237,11 +269,7 @@ class AsyncEngine:
         try:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
         except RuntimeError:  # the consumer's event loop is closed: nobody will read this stream
-            log.warning("dropping request whose event loop is closed", extra={"request_id": out.request_id})
-            with self._lock:
-                self._streams.pop(out.request_id, None)
-            if not out.finished:
-                self.engine.abort(out.request_id)
+            self._dropped(out)
 
     def _fail(self, request_id: str, exc: BaseException) -> None:
         with self._lock:

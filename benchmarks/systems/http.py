@@ -3,7 +3,10 @@
 The server and this client share 2 cores. The server gets ``threads`` torch/OpenMP threads with
 ``GOMP_SPINCOUNT=20000`` (idle OpenMP workers spin only briefly, then sleep, so the client's event
 loop gets the CPU between steps, while back-to-back small ops don't each pay a wake-up); the
-client is one asyncio thread parsing SSE lines.
+client is one asyncio thread (uvloop when installed). Every CPU second the client spends is taken
+from the server's cores, so it stays light, as a load generator should: it splits the stream into
+SSE events and timestamps each, and parses JSON only for the final usage event. The CPU seconds of
+both are reported.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
@@ -82,14 +87,18 @@ async def _one(client: httpx.AsyncClient, url: str, r: RequestSpec, start: float
     t = rec[r.request_id] = RequestTiming(sent=time.perf_counter())
     async with client.stream("POST", url + "/v1/completions", json=body) as resp:
         resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices"):
-                t.token_times.append(time.perf_counter())
-            if chunk.get("usage"):
-                t.num_tokens = chunk["usage"]["completion_tokens"]
+        pending = b""
+        async for piece in resp.aiter_raw():
+            now = time.perf_counter()
+            events = (pending + piece).split(b"\n\n")
+            pending = events.pop()
+            for event in events:
+                if not event.startswith(b"data: {"):
+                    continue
+                if b'"choices":[]' not in event:  # a text chunk (the usage chunk has no choices)
+                    t.token_times.append(now)
+                if b'"usage":{' in event:
+                    t.num_tokens = json.loads(event[6:])["usage"]["completion_tokens"]
 
 
 async def _drive(url: str, requests: list[RequestSpec]) -> tuple[dict[str, RequestTiming], float]:
@@ -104,14 +113,35 @@ async def _drive(url: str, requests: list[RequestSpec]) -> tuple[dict[str, Reque
 def _warm(url: str, adapters: list[str | None]) -> None:
     """One short request per adapter (None: the base model), all at once."""
     warm = [RequestSpec(f"warmup-{i}", list(range(300, 340)), 4, a) for i, a in enumerate(adapters or [None])]
-    asyncio.run(_drive(url, warm))
+    _run_loop(_drive(url, warm))
+
+
+def _cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process (this one by default)."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _run_loop(coro):  # noqa: ANN001, ANN202 - a coroutine and its result
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
 
 
 def run(job: dict, requests: list[RequestSpec]) -> dict:
     with server(job) as (url, proc):
         _warm(url, job.get("warm_adapters") or [])
-        rec, wall = asyncio.run(_drive(url, requests))
-        return summarize(list(rec.values()), wall, pid_peak_rss(proc.pid))
+        client0, server0 = _cpu_seconds(), _cpu_seconds(proc.pid)
+        rec, wall = _run_loop(_drive(url, requests))
+        result = summarize(list(rec.values()), wall, pid_peak_rss(proc.pid))
+        result.update(client_cpu_s=_cpu_seconds() - client0, server_cpu_s=_cpu_seconds(proc.pid) - server0)
+        return result
 
 
 def cold_vs_hot(job: dict, adapters: list[str]) -> dict:

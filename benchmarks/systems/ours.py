@@ -94,8 +94,10 @@ def run(job: dict, requests: list[RequestSpec]) -> dict:
     warm_up(engine, job.get("warm_adapters") or [])
     before = engine.stats().prefix_cache
     steps: list[StepInfo] = []
+    cpu0 = time.process_time()
     timings, wall = drive(engine, requests, steps)
     result = summarize(list(timings.values()), wall, self_peak_rss())
+    result["server_cpu_s"] = time.process_time() - cpu0
     pc = engine.stats().prefix_cache
     queries = pc.queries - before.queries
     result["prefix_cache_hit_rate"] = (pc.hits - before.hits) / queries if queries else None
