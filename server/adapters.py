@@ -254,9 +254,20 @@ class AdapterManager:
             return None
         if ref.spec is not None and uid in self.host:
             return ref.spec
-        if uid not in self._loading and ref.failed is None:
-            self._loading[uid] = self._loader.submit(self._load_into_host, ref)
+        self.prefetch(uid)
         return None
+
+    def prefetch(self, uid: int) -> None:
+        """Start reading the adapter from disk into host memory unless it is there or on its way.
+        Called when a request is admitted (any thread), so that a lone request's load starts then,
+        not when the engine first schedules it."""
+        with self._lock:
+            ref = self._by_uid.get(uid)
+            if ref is None or ref.failed is not None or uid in self._loading:
+                return
+            if ref.spec is not None and (ref.held is not None or uid in self.host):
+                return
+            self._loading[uid] = self._loader.submit(self._load_into_host, ref)
 
     def host_weights(self, uid: int) -> Mapping[tuple[int, str], LoraWeights]:
         """Weights to copy into pages; read synchronously if the host cache dropped them meanwhile."""
@@ -280,7 +291,8 @@ class AdapterManager:
             log.exception("loading adapter %s failed", ref.adapter_id, extra={"adapter_id": ref.adapter_id})
             ref.failed = exc
         finally:
-            self._loading.pop(ref.uid, None)
+            with self._lock:
+                self._loading.pop(ref.uid, None)
             self.on_loaded()
 
     def _read(self, ref: AdapterRef) -> ParsedAdapter:

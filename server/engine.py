@@ -143,6 +143,8 @@ class LLMEngine:
         request_id = request_id or uuid.uuid4().hex
         self._validate(prompt_token_ids, params, request_id)
         ref = self.adapters.acquire(adapter_id) if adapter_id is not None else None
+        if ref is not None and not self.scheduler.residency.is_resident(ref.uid):
+            self.adapters.prefetch(ref.uid)  # the disk read starts now, not at the first schedule
         req = Request(
             request_id=request_id, prompt_token_ids=list(prompt_token_ids), params=params,
             arrival=self.scheduler.next_arrival(),
