@@ -94,43 +94,57 @@ static inline float hsum(vf v) { /* a tree of halving adds */
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-/* v[i * r + j] = scale * dot(A_j, x_i) for i < nt (nt <= TILE), two rows of A at a time so each
- * x load feeds two FMAs and each A load feeds nt. */
+/* v[i * r + j] = scale * dot(A_j, x_i) for i < nt (nt <= TILE), ROWS rows of A at a time: each x
+ * load feeds ROWS FMAs, each A load nt, and the ROWS * nt accumulators are independent chains (one
+ * chain would wait out the FMA latency at every step: decode is nt = 1). */
+#define ROWS 4
 static inline __attribute__((always_inline)) void shrink(const char *arena, const int64_t *ar, int64_t r,
                                                          float sc, int64_t K, int nt, const float *const xs[TILE],
                                                          float *v, int wbf16) {
-    const int64_t kv = K - K % VW;
+    const int64_t kv = K - K % VW, item = wbf16 ? 2 : 4;
     int64_t j = 0;
-    for (; j + 1 < r; j += 2) {
-        const void *a0 = arena + ar[j], *a1 = arena + ar[j + 1];
-        vf c0[TILE] = {0}, c1[TILE] = {0};
+    for (; j + ROWS <= r; j += ROWS) {
+        const void *a[ROWS];
+        const char *next[ROWS]; /* the next rows, fetched column by column as these are read */
+        for (int q = 0; q < ROWS; q++) {
+            a[q] = arena + ar[j + q];
+            next[q] = arena + ar[j + ROWS + q < r ? j + ROWS + q : j + q];
+        }
+        vf c[TILE][ROWS];
+        for (int i = 0; i < TILE; i++)
+            for (int q = 0; q < ROWS; q++) c[i][q] = (vf){0};
         for (int64_t k = 0; k < kv; k += VW) {
-            const vf w0 = wload(a0, k, wbf16), w1 = wload(a1, k, wbf16);
+            vf w[ROWS];
+            for (int q = 0; q < ROWS; q++) {
+                w[q] = wload(a[q], k, wbf16);
+                __builtin_prefetch(next[q] + k * item, 0, 0);
+            }
             for (int i = 0; i < TILE; i++) {
                 if (i < nt) {
                     const vf xv = vload(xs[i] + k);
-                    c0[i] += w0 * xv;
-                    c1[i] += w1 * xv;
+                    for (int q = 0; q < ROWS; q++) c[i][q] += w[q] * xv;
                 }
             }
         }
-        for (int i = 0; i < nt; i++) {
-            float s0 = hsum(c0[i]), s1 = hsum(c1[i]);
-            for (int64_t k = kv; k < K; k++) {
-                s0 += wload1(a0, k, wbf16) * xs[i][k];
-                s1 += wload1(a1, k, wbf16) * xs[i][k];
+        for (int i = 0; i < nt; i++)
+            for (int q = 0; q < ROWS; q++) {
+                float s = hsum(c[i][q]);
+                for (int64_t k = kv; k < K; k++) s += wload1(a[q], k, wbf16) * xs[i][k];
+                v[i * r + j + q] = s * sc;
             }
-            v[i * r + j] = s0 * sc;
-            v[i * r + j + 1] = s1 * sc;
-        }
     }
     for (; j < r; j++) {
         const void *a0 = arena + ar[j];
         for (int i = 0; i < nt; i++) {
-            vf c = {0};
-            for (int64_t k = 0; k < kv; k += VW) c += wload(a0, k, wbf16) * vload(xs[i] + k);
-            float s = hsum(c);
-            for (int64_t k = kv; k < K; k++) s += wload1(a0, k, wbf16) * xs[i][k];
+            vf c0 = {0}, c1 = {0};
+            int64_t k = 0;
+            for (; k + 2 * VW <= kv; k += 2 * VW) {
+                c0 += wload(a0, k, wbf16) * vload(xs[i] + k);
+                c1 += wload(a0, k + VW, wbf16) * vload(xs[i] + k + VW);
+            }
+            for (; k < kv; k += VW) c0 += wload(a0, k, wbf16) * vload(xs[i] + k);
+            float s = hsum(c0 + c1);
+            for (k = kv; k < K; k++) s += wload1(a0, k, wbf16) * xs[i][k];
             v[i * r + j] = s * sc;
         }
     }
@@ -138,41 +152,53 @@ static inline __attribute__((always_inline)) void shrink(const char *arena, cons
 
 /* y_i[n] += sum_j v[i * r + j] * Bt_j[n]. Rows of B^T are taken JBLOCK at a time (that many memory
  * streams, which hardware prefetchers follow; all r rows at once would thrash them when a decode
- * token streams its adapter from memory), 2 * VW columns at a time held in registers over those
- * rows, so each B^T load feeds nt FMAs and y (in L1) is read and written once per JBLOCK rows. */
+ * token streams its adapter from memory), NV * VW columns at a time held in registers over those
+ * rows (NV independent chains per token: enough FMAs in flight), so each B^T load feeds nt FMAs and
+ * y (in L1) is read and written once per JBLOCK rows. NV: 4 with 32 vector registers (AVX-512), 2
+ * with 16 (AVX2). */
 #define JBLOCK 8
+#if VW == 16
+#define NV 4
+#else
+#define NV 2
+#endif
 static inline __attribute__((always_inline)) void expand(const char *arena, const int64_t *br, int64_t r,
                                                          int64_t N, int nt, const float *v, float *const ys[TILE],
                                                          int wbf16) {
-    const int64_t nv = N - N % (2 * VW);
+    const int64_t nv = N - N % (NV * VW), item = wbf16 ? 2 : 4;
     for (int64_t j0 = 0; j0 < r; j0 += JBLOCK) {
         const int64_t j1 = j0 + JBLOCK < r ? j0 + JBLOCK : r;
-        for (int64_t n = 0; n < nv; n += 2 * VW) {
-            vf lo[TILE], hi[TILE];
-            for (int i = 0; i < TILE; i++) {
-                if (i < nt) {
-                    lo[i] = vload(ys[i] + n);
-                    hi[i] = vload(ys[i] + n + VW);
-                }
-            }
+        for (int64_t n = 0; n < nv; n += NV * VW) {
+            for (int64_t j = j1; j < j1 + JBLOCK && j < r; j++) /* the next block's rows, these columns */
+                for (int64_t off = 0; off < NV * VW * item; off += 64)
+                    __builtin_prefetch(arena + br[j] + n * item + off, 0, 0);
+            vf acc[TILE][NV];
+            for (int i = 0; i < TILE; i++)
+                if (i < nt)
+                    for (int u = 0; u < NV; u++) acc[i][u] = vload(ys[i] + n + u * VW);
             for (int64_t j = j0; j < j1; j++) {
                 const void *b = arena + br[j];
-                const vf b0 = wload(b, n, wbf16), b1 = wload(b, n + VW, wbf16);
+                vf bw[NV];
+                for (int u = 0; u < NV; u++) bw[u] = wload(b, n + u * VW, wbf16);
                 for (int i = 0; i < TILE; i++) {
                     if (i < nt) {
                         const float w = v[i * r + j];
-                        lo[i] += w * b0;
-                        hi[i] += w * b1;
+                        for (int u = 0; u < NV; u++) acc[i][u] += w * bw[u];
                     }
                 }
             }
+            for (int i = 0; i < nt; i++)
+                for (int u = 0; u < NV; u++) vstore(ys[i] + n + u * VW, acc[i][u]);
+        }
+        for (int64_t n = nv; n + VW <= N; n += VW) { /* whole vectors left over */
             for (int i = 0; i < nt; i++) {
-                vstore(ys[i] + n, lo[i]);
-                vstore(ys[i] + n + VW, hi[i]);
+                vf acc = vload(ys[i] + n);
+                for (int64_t j = j0; j < j1; j++) acc += v[i * r + j] * wload(arena + br[j], n, wbf16);
+                vstore(ys[i] + n, acc);
             }
         }
     }
-    for (int64_t n = nv; n < N; n++)
+    for (int64_t n = N - N % VW; n < N; n++)
         for (int i = 0; i < nt; i++) {
             float s = 0.f;
             for (int64_t j = 0; j < r; j++) s += v[i * r + j] * wload1(arena + br[j], n, wbf16);
