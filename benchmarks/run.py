@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small scenarios, no vLLM: < 3 minutes")
     p.add_argument("--repeat", type=int, default=None, help="runs per measurement (default 2, quick 1)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="auto: bfloat16 if this CPU computes in it natively (AMX/AVX-512 BF16), else float32")
+                   help="auto: what the server picks here (bfloat16 with AMX, else float32)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the system under test")
     p.add_argument("--systems", default="ours,ours_nocache,http,hf_peft,vllm", help="comma-separated subset")
     p.add_argument("--scenarios", default=None, help="comma-separated subset of scenario names")
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtype == "auto":  # every system gets the same concrete dtype
         import torch
 
-        from server.engine import resolve_dtype
+        from server.hardware import resolve_dtype
 
         args.dtype = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
         log.info("dtype auto -> %s", args.dtype)

@@ -33,7 +33,8 @@ _lib: ctypes.CDLL | None = None
 _failed: str | None = None
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -51,7 +52,7 @@ ISA_FLAGS = (("-mavx2", "avx2"), ("-mfma", "fma"), ("-mf16c", "f16c"), ("-mavx51
 def _flags() -> tuple[str, ...]:
     """Base flags plus the vector extensions this CPU has (never -march=native: a cached build
     must not use instructions another machine sharing the cache lacks; the key includes these)."""
-    cpu = _cpu_flags()
+    cpu = cpu_flags()
     extra = tuple(f for f, need in ISA_FLAGS if need in cpu)
     return BASE_FLAGS + extra
 

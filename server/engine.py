@@ -32,8 +32,8 @@ from server.engine_types import (
 )
 from server.errors import AdapterUnavailable, ContextLengthExceeded, InvalidRequest
 from server.evictor import CostMeter
+from server.hardware import device_for, pool_budget_for, resolve_dtype
 from server.loader import load_model
-from server.memory import available_bytes, pool_budget
 from server.page_layout import PageLayout
 from server.pool import PagePool
 from server.request import Request
@@ -55,42 +55,12 @@ class PreparedRequest:
     row: RowContext
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def pool_budget_for(config: EngineConfig, device: torch.device) -> tuple[int, str]:
-    """The pool's bytes and how they were set: ``pool_bytes`` if given, else ``pool_memory_fraction``
-    of the memory available now (the device's free memory on CUDA; server/memory.py on a host)."""
-    if config.pool_bytes is not None:
-        return config.pool_bytes, "pool_bytes"
-    fraction = config.pool_memory_fraction
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        free = available_bytes()
-    return pool_budget(fraction, free), f"{fraction:g} of {free / 2**30:.1f} GiB available"
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``name`` as a torch dtype; "auto" is bfloat16 where matmuls run natively in it (CUDA with
-    bf16 support; a CPU with AMX or AVX-512 BF16, as oneDNN reports) and float32 elsewhere: on an
-    AVX2-only CPU bf16 matmuls are emulated, ~6x slower than fp32 (measured: 15 vs 90 GFLOP/s)."""
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        device = _device(config.device)
+        device = device_for(config.device)
         dtype = resolve_dtype(config.dtype, device)
         loaded = load_model(config.model, dtype, device)
         self.model_config = mc = loaded.config

@@ -34,7 +34,7 @@ class ServerSettings(BaseSettings):
     )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="Serving dtype. auto: bfloat16 where the hardware computes in it "
-        "natively (CUDA, or a CPU with AMX / AVX-512 BF16), else float32.")
+        "fastest (CUDA, or a CPU with AMX), else float32.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
     pool_bytes: ByteSize | None = Field(
         None,
