@@ -234,8 +234,13 @@ class AsyncEngine:
         instead of one per request (each is a write to the loop's self-pipe and a separate turn of
         its scheduler, on the cores the next step needs)."""
         batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        for out in outs:
+            if out.error is not None:  # the engine ended it for a fault: the caller gets the error
+                self._fail(out.request_id, out.error)
         with self._lock:
             for out in outs:
+                if out.error is not None:
+                    continue
                 stream = self._streams.get(out.request_id)
                 if stream is None:
                     continue
