@@ -72,8 +72,9 @@ def table(results: list[dict], meta: dict) -> str:
     the workload's model FLOPs (benchmarks/machine.py) over the wall time; "of peak" divides by the
     same run's GEMM peak at decode shape."""
     pk = peak(meta, meta["args"]["dtype"])
-    head = "| scenario | system | adapters | " + " | ".join(COLUMNS) + " | GFLOP/s | of peak |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 5)]
+    head = ("| scenario | system | adapters | " + " | ".join(COLUMNS) +
+            " | GFLOP/s | of peak | adapter MB/step | adapter GB/s |")
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 7)]
     seen: list[tuple[str, str]] = []
     for r in results:
         if (r["scenario"], r["system"]) not in seen:
@@ -86,8 +87,18 @@ def table(results: list[dict], meta: dict) -> str:
         gmid = statistics.median(gf) if gf else None
         eff = f"{100 * gmid / pk:.0f}%" if gmid and pk else "-"
         head = f"| {sc} | {_system_name(sy, done)} | {_adapters(results, sc, sy)} | "
-        lines.append(head + " | ".join(cells) + f" | {'-' if gmid is None else f'{gmid:.1f}'} | {eff} |")
+        lines.append(head + " | ".join(cells) + f" | {'-' if gmid is None else f'{gmid:.1f}'} | {eff} | "
+                     + " | ".join(_adapter_cells(done)) + " |")
     return "\n".join(lines)
+
+
+def _adapter_cells(done: list[dict]) -> list[str]:
+    """Adapter bytes the LoRA kernels read per steady decode step, and the rate the step reads them
+    at (bytes / step time); only our engine reports its steps."""
+    mb = [r["adapter_bytes_step"] / 1e6 for r in done if r.get("adapter_bytes_step")]
+    gbs = [r["adapter_bytes_step"] / r["decode_step_ms"] / 1e6 for r in done
+           if r.get("adapter_bytes_step") and r.get("decode_step_ms")]
+    return [f"{statistics.median(mb):.0f}" if mb else "-", f"{statistics.median(gbs):.1f}" if gbs else "-"]
 
 
 def _system_name(system: str, done: list[dict]) -> str:

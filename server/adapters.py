@@ -265,7 +265,7 @@ class AdapterManager:
             ref = self._by_uid.get(uid)
             if ref is None or ref.failed is not None or uid in self._loading:
                 return
-            if ref.spec is not None and (ref.held is not None or uid in self.host):
+            if ref.spec is not None and uid in self.host:
                 return
             self._loading[uid] = self._loader.submit(self._load_into_host, ref)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.metrics import RequestTiming, pid_peak_rss, summarize
-from benchmarks.systems.ours import cold_hot_summary
+from benchmarks.systems.ours import cold_hot_summary, settings
 from benchmarks.workload import RequestSpec
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,8 @@ def run(job: dict, requests: list[RequestSpec]) -> dict:
         client0, server0 = _cpu_seconds(), _cpu_seconds(proc.pid)
         rec, wall = _run_loop(_drive(url, requests))
         result = summarize(list(rec.values()), wall, pid_peak_rss(proc.pid))
-        result.update(client_cpu_s=_cpu_seconds() - client0, server_cpu_s=_cpu_seconds(proc.pid) - server0)
+        result.update(client_cpu_s=_cpu_seconds() - client0, server_cpu_s=_cpu_seconds(proc.pid) - server0,
+                      settings=f"{settings(job)}, streaming client")
         return result
 
 

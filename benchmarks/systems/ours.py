@@ -27,6 +27,19 @@ def engine_config(job: dict) -> EngineConfig:
     return replace(base, **job.get("engine_overrides", {}))
 
 
+def settings(job: dict, engine: LLMEngine | None = None) -> str:
+    """The settings a row of ours ran with, for the results table (the pool as the engine sized it
+    when the engine is at hand; the HTTP server's engine sizes it the same way)."""
+    if engine is not None:
+        pool = f"pool {engine.pool.num_pages * engine.layout.page_bytes / 2**30:.1f} GiB (auto)"
+    else:
+        pool = "pool auto"
+    if job.get("pool_bytes"):
+        pool = f"pool {job['pool_bytes'] / 2**30:.1f} GiB"
+    extra = "".join(f", {k}={v}" for k, v in job.get("engine_overrides", {}).items())
+    return f"{pool}, max_num_seqs={job['max_num_seqs']}, adapter rows auto{extra}"
+
+
 def _params(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
@@ -102,6 +115,7 @@ def run(job: dict, requests: list[RequestSpec]) -> dict:
     queries = pc.queries - before.queries
     result["prefix_cache_hit_rate"] = (pc.hits - before.hits) / queries if queries else None
     result.update(decode_summary(steps, job["max_num_seqs"]))
+    result["settings"] = settings(job, engine)
     return result
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,7 +72,10 @@ def run(job: dict) -> dict:
     wall = time.perf_counter() - start
     timings = [RequestTiming(sent=start, num_tokens=len(out.outputs[0].token_ids)) for out in outs]
     result = summarize(timings, wall, _tree_rss())
-    result["settings"] = " ".join(f"{k}={v}" for k, v in lora.items() if k != "enable_lora") or "no LoRA"
+    lora_text = ", ".join(f"{k}={v}" for k, v in lora.items() if k != "enable_lora") or "no LoRA"
+    kv = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "?")
+    result["settings"] = (f"{lora_text}, KV cache {kv} GiB, max_num_seqs={job['max_num_seqs']}, "
+                          "max_num_batched_tokens=512, throughput only (no TTFT)")
     return result
 
 
