@@ -244,7 +244,8 @@ def write_all(out: Path, tag: str, meta: dict, results: list[dict], cold_hot: di
         print("\n## LoRA kernel (C, decode step of 64 distinct q,k,v,o adapters, ranks 8-64)\n")
         print(kernels_table(meta["lora_kernels"]))
     if runs(results, PREFIX_SCENARIO, "ours"):
-        prefix = next((sc["shared_prefix_len"] for sc in meta["scenarios"] if sc["name"] == PREFIX_SCENARIO), "?")
+        prefix = next((sc["shared_prefix_len"] for sc in meta["scenarios"]
+                       if sc["name"] == PREFIX_SCENARIO), "?")
         print(f"\n## Prefix caching: {prefix}-token system prompt shared over 8 adapters and base\n")
         print(prefix_table(results))
     if cold_hot:

@@ -25,19 +25,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "native_simd.h"
+
 #define TILE 4
 #define WEIGHTS_BF16 1
 
-#ifdef __AVX512F__
-#define VW 16
-#else
-#define VW 8
-#endif
-typedef float vf __attribute__((vector_size(VW * 4)));
 typedef uint16_t vh __attribute__((vector_size(VW * 2)));
 typedef uint32_t vu __attribute__((vector_size(VW * 4)));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
 
 typedef struct {
     int64_t rank;    /* 0: this segment's adapter lacks the module (or no adapter) */
@@ -46,29 +40,6 @@ typedef struct {
     double scale;
     int64_t flags;   /* WEIGHTS_BF16: the rows are bf16 (else fp32) */
 } Desc;
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline vf vload(const float *p) {
-    vf v;
-    memcpy(&v, p, sizeof v); /* unaligned load */
-    return v;
-}
-
-static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
 /* VW weights from element i of a row of fp32 or bf16 (wbf16 is a constant at every call site, so
  * each caller is compiled twice, without a branch in its loops). */
@@ -80,18 +51,7 @@ static inline __attribute__((always_inline)) vf wload(const void *row, int64_t i
 }
 
 static inline __attribute__((always_inline)) float wload1(const void *row, int64_t i, int wbf16) {
-    return wbf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
-}
-
-static inline float hsum(vf v) { /* a tree of halving adds */
-#if VW == 16
-    vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
-    vf8 a = v;
-#endif
-    vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
+    return wbf16 ? bf2f(((const uint16_t *)row)[i]) : ((const float *)row)[i];
 }
 
 /* v[i * r + j] = scale * dot(A_j, x_i) for i < nt (nt <= TILE), ROWS rows of A at a time: each x
@@ -128,7 +88,7 @@ static inline __attribute__((always_inline)) void shrink(const char *arena, cons
         }
         for (int i = 0; i < nt; i++)
             for (int q = 0; q < ROWS; q++) {
-                float s = hsum(c[i][q]);
+                float s = vsum(c[i][q]);
                 for (int64_t k = kv; k < K; k++) s += wload1(a[q], k, wbf16) * xs[i][k];
                 v[i * r + j + q] = s * sc;
             }
@@ -143,7 +103,7 @@ static inline __attribute__((always_inline)) void shrink(const char *arena, cons
                 c1 += wload(a0, k + VW, wbf16) * vload(xs[i] + k + VW);
             }
             for (; k < kv; k += VW) c0 += wload(a0, k, wbf16) * vload(xs[i] + k);
-            float s = hsum(c0 + c1);
+            float s = vsum(c0 + c1);
             for (k = kv; k < K; k++) s += wload1(a0, k, wbf16) * xs[i][k];
             v[i * r + j] = s * sc;
         }
@@ -230,7 +190,7 @@ static void item(int xy_bf16, const char *arena, const void *x, int64_t ldx, voi
     for (int i = 0; i < nt; i++) {
         if (xy_bf16) {
             const uint16_t *xr = (const uint16_t *)x + (t0 + i) * ldx;
-            for (int64_t k = 0; k < K; k++) xbuf[i * K + k] = bf16_to_f32(xr[k]);
+            for (int64_t k = 0; k < K; k++) xbuf[i * K + k] = bf2f(xr[k]);
             xs[i] = xbuf + i * K;
         } else {
             xs[i] = (const float *)x + (t0 + i) * ldx;
@@ -251,7 +211,7 @@ static void item(int xy_bf16, const char *arena, const void *x, int64_t ldx, voi
         tile(arena, d, K, N, nt, xs, ys, v);
         for (int i = 0; i < nt; i++) {
             uint16_t *yr = (uint16_t *)y + (t0 + i) * ldy + cols[m];
-            for (int64_t n = 0; n < N; n++) yr[n] = f32_to_bf16(bf16_to_f32(yr[n]) + acc[i * N + n]);
+            for (int64_t n = 0; n < N; n++) yr[n] = f2bf(bf2f(yr[n]) + acc[i * N + n]);
         }
     }
 }

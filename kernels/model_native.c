@@ -15,32 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef __AVX512F__
-#define VW 16
-#else
-#define VW 8
-#endif
-typedef float vf __attribute__((vector_size(VW * 4)));
+#include "native_simd.h"
 
-static inline vf vload(const float *p) {
-    vf v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
-/* Horizontal sum as a tree of halving adds (a chain of VW dependent adds would be ~4x slower). */
-static inline float vsum(vf v) {
-#if VW == 16
-    vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
-    vf8 a = v;
-#endif
-    vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
-}
 
 /* exp(x) (Cephes' expf: x = k ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^k;
  * ~1 ulp), written so that loops over it vectorize (libm's expf is a call per element); x is
@@ -62,19 +38,6 @@ static inline float exp_approx(float x) {
     return p * scale;
 }
 
-static inline float bf2f(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-static inline uint16_t f2bf(float f) { /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 static inline float rbf(float f) { return bf2f(f2bf(f)); } /* round to bf16 and back */
 
 /* n values of a row in dtype -> fp32 (dst), or the row itself when it already is fp32. */
@@ -83,6 +46,17 @@ static inline const float *as_f32(int bf16, const void *src, int64_t n, float *d
     const uint16_t *s = (const uint16_t *)src;
     for (int64_t i = 0; i < n; i++) dst[i] = bf2f(s[i]);
     return dst;
+}
+
+/* A thread's scratch of n floats inside a parallel region; NULL (and the call flagged as failed, its
+ * iterations skipped by that thread) when memory runs out. */
+static inline float *scratch(size_t n, int *failed) {
+    float *p = malloc(sizeof(float) * n);
+    if (!p) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+    return p;
 }
 
 static inline void put_row(int bf16, void *dst, const float *src, int64_t n) {
@@ -116,13 +90,9 @@ int add_rms_norm(int bf16, void *h, int64_t ldh, const void *delta, int64_t ldd,
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (T * H >= PAR_MIN)
     {
-        float *row = malloc(sizeof(float) * (size_t)H * 3);
+        float *row = scratch((size_t)H * 3, &failed);
         float *dbuf = row + H, *wbuf = row + 2 * H;
         const float *wf = row ? as_f32(bf16, w, H, wbuf) : NULL; /* the weight, widened once */
-        if (!row) {
-#pragma omp atomic write
-            failed = 1;
-        }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
             if (!row) continue;
@@ -150,11 +120,7 @@ int silu_mul(int bf16, const void *gu, int64_t ldgu, void *out, int64_t ldo, int
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (T * I >= PAR_MIN)
     {
-        float *buf = malloc(sizeof(float) * (size_t)I * 3);
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *buf = scratch((size_t)I * 3, &failed);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
             if (!buf) continue;
@@ -204,12 +170,8 @@ int rope_store_kv(int bf16, void *qkv, int64_t ld, int64_t T, int64_t nh, int64_
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (T * width >= PAR_MIN)
     {
-        float *row = malloc(sizeof(float) * (size_t)(width + 2 * D));
+        float *row = scratch((size_t)(width + 2 * D), &failed);
         float *c = row + width, *s = c + D;
-        if (!row) {
-#pragma omp atomic write
-            failed = 1;
-        }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
             if (!row) continue;
@@ -252,12 +214,8 @@ int paged_attention(int bf16, const void *q, int64_t ldq, void *out, int64_t ldo
 #pragma omp parallel num_threads(nthreads)
     {
         /* per head: query, accumulator; per block: scores; key/value rows widened from bf16 */
-        float *buf = malloc(sizeof(float) * (size_t)(G * D * 2 + G * bs + 2 * D));
+        float *buf = scratch((size_t)(G * D * 2 + G * bs + 2 * D), &failed);
         float *qv = buf, *acc = qv + G * D, *sc = acc + G * D, *kb = sc + G * bs, *vb = kb + D;
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
 #pragma omp for schedule(dynamic, 1) collapse(2)
         for (int64_t i = 0; i < nseq; i++) {
             for (int64_t g = 0; g < nkv; g++) {

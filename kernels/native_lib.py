@@ -24,6 +24,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("lora_native.c", "model_native.c"))
+HEADERS = (Path(__file__).with_name("native_simd.h"),)  # included by the sources: part of the cache key
 # Reassociation lets the compiler vectorize the dot products; NaN/inf semantics are kept.
 BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fassociative-math",
               "-fno-signed-zeros", "-fno-trapping-math", "-ffp-contract=fast")
@@ -73,7 +74,7 @@ def build(cache_dir: Path | None = None) -> Path:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     flags = _flags()
-    texts = [src.read_text() for src in SOURCES]
+    texts = [src.read_text() for src in (*SOURCES, *HEADERS)]
     key = hashlib.sha256("\0".join([*texts, *flags, version]).encode()).hexdigest()[:16]
     out_dir = cache_dir or _cache_dir()
     lib = out_dir / f"lora_server_kernels-{key}.so"
