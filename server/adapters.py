@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,7 +80,9 @@ class AdapterManager:
         self._by_name: dict[str, AdapterRef] = {}
         self._by_uid: dict[int, AdapterRef] = {}
         self._seen: dict[str, RefKey] = {}  # every ref applied, live or tombstone -> stamp read
-        self._loading: dict[int, Future[None]] = {}
+        # uids with a load queued or running; added before the submit, so a load that ends at once
+        # can't leave its uid behind (which would block every later load of it)
+        self._loading: set[int] = set()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
         # Called (on the loader thread) when an adapter reaches host memory, so an engine loop
         # that is idling on requests waiting for it can wake at once.
@@ -244,7 +246,8 @@ class AdapterManager:
             return ref.spec
         failure = ref.failure
         if uid not in self._loading and (failure is None or not failure.current(self._clock())):
-            self._loading[uid] = self._loader.submit(self._load_into_host, ref)
+            self._loading.add(uid)
+            self._loader.submit(self._load_into_host, ref)
         return None
 
     def host_weights(self, uid: int) -> Mapping[tuple[int, str], LoraWeights] | None:
@@ -289,7 +292,7 @@ class AdapterManager:
         except Exception as exc:  # noqa: BLE001 - surfaced to the adapter's waiting requests by the engine
             self._record_failure(ref, exc)
         finally:
-            self._loading.pop(ref.uid, None)
+            self._loading.discard(ref.uid)
             self.on_loaded()
 
     def _record_failure(self, ref: AdapterRef, exc: Exception) -> None:

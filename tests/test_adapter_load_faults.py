@@ -16,7 +16,7 @@ from peft import LoraConfig
 
 from adapter_store.integrity import IntegrityError, verify_version
 from adapter_store.store import AdapterStore
-from server.adapters import AdapterManager
+from server.adapters import AdapterManager, AdapterRef
 from server.config import EngineConfig
 from server.engine import LLMEngine
 from server.errors import AdapterCorrupt, AdapterTooLarge, AdapterTooLargeHere, AdapterUnavailable
@@ -48,9 +48,9 @@ def manager(tmp_path, tiny_model_config):
     made = []
 
     def make(host_cache_bytes: int = 2**30, clock=time.monotonic) -> AdapterManager:
-        m = AdapterManager(AdapterStore(tmp_path / "store"), tiny_model_config,
-                           PageLayout.for_model(tiny_model_config), 4096, host_cache_bytes, 256, torch.float32,
-                           clock=clock)
+        layout = PageLayout.for_model(tiny_model_config)
+        m = AdapterManager(AdapterStore(tmp_path / "store"), tiny_model_config, layout, 4096,
+                           host_cache_bytes, 256, torch.float32, clock=clock)
         made.append(m)
         return m
 
@@ -113,13 +113,18 @@ def test_a_corrupted_file_is_refused_and_a_reupload_of_good_bytes_repairs_it(man
     assert load(m, twin.uid) is None
 
 
-def test_a_failed_load_is_retried_after_its_backoff(manager, v1):
+def cold_adapter(manager, v1) -> tuple[AdapterManager, Clock, AdapterRef, Path]:
+    """A manager on a fake clock with adapter "a" stored, acquired and dropped from host memory."""
     clock = Clock()
     m = manager(clock=clock)
     m.add("a", v1)
     ref = m.acquire("a")
     m.host.clear()
-    path = weights_file(m.store.root, "a")
+    return m, clock, ref, weights_file(m.store.root, "a")
+
+
+def test_a_failed_load_is_retried_after_its_backoff(manager, v1):
+    m, clock, ref, path = cold_adapter(manager, v1)
     data = path.read_bytes()
     path.unlink()
     assert type(load(m, ref.uid)) is AdapterUnavailable
@@ -135,12 +140,8 @@ def test_a_failed_load_is_retried_after_its_backoff(manager, v1):
 
 
 def test_backoff_doubles_on_repeated_failures(manager, v1):
-    clock = Clock()
-    m = manager(clock=clock)
-    m.add("a", v1)
-    ref = m.acquire("a")
-    m.host.clear()
-    weights_file(m.store.root, "a").unlink()
+    m, clock, ref, path = cold_adapter(manager, v1)
+    path.unlink()
     waits = []
     for _ in range(4):
         error = load(m, ref.uid)
