@@ -60,8 +60,10 @@ def manager(tmp_path, tiny_model_config):
 
 
 def load(m: AdapterManager, uid: int) -> AdapterUnavailable | None:
-    """Ask for the adapter until it is in host memory (None) or its load failed (the error)."""
-    assert wait_until(lambda: m.spec_if_ready(uid) is not None or m.failed(uid) is not None, timeout=60)
+    """Ask for the adapter until it is in host memory (None) or its load failed (the error), and
+    the loader is done with it."""
+    assert wait_until(lambda: (m.spec_if_ready(uid) is not None or m.failed(uid) is not None)
+                      and uid not in m._loading, timeout=60)
     return m.failed(uid)
 
 
