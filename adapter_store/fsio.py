@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from adapter_store.failpoints import failpoint
+
 CHUNK = 1 << 20
 
 
@@ -49,10 +51,11 @@ def write_file(dest: Path, data: bytes | Path) -> None:
         os.fsync(out.fileno())
 
 
-def replace_file(dest: Path, data: bytes, durable: bool = True) -> None:
+def replace_file(dest: Path, data: bytes, durable: bool = True, point: str = "") -> None:
     """Atomically make ``dest`` hold ``data``: write a unique temp file next to it, fsync, rename over
     ``dest``, fsync the directory. Readers see the old or the new content, never a mix; a crash
-    leaves at most a ``.tmp-*`` file, which ``remove_stale_temps`` clears."""
+    leaves at most a ``.tmp-*`` file, which the garbage collector clears. ``point`` names the
+    failpoints ``<point>.tmp_written`` and ``<point>.renamed`` (adapter_store/failpoints.py)."""
     tmp = dest.with_name(f".tmp-{dest.name}-{unique_token()}")
     try:
         with open(tmp, "xb") as out:
@@ -60,11 +63,15 @@ def replace_file(dest: Path, data: bytes, durable: bool = True) -> None:
             if durable:
                 out.flush()
                 os.fsync(out.fileno())
+        if point:
+            failpoint(f"{point}.tmp_written")
         os.rename(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if point:
+        failpoint(f"{point}.renamed")
     if durable:
         fsync_dir(dest.parent)
 

@@ -106,9 +106,11 @@ def check_adapter_files(names: set[str]) -> None:
 
 
 def load_peft_adapter(
-    path: Path, model: ModelConfig, max_rank: int = 256, dtype: torch.dtype = torch.float32
+    path: Path, model: ModelConfig, max_rank: int = 256, dtype: torch.dtype = torch.float32,
+    checksum: str | None = None,
 ) -> ParsedAdapter:
     """Parse and validate the PEFT dir ``path`` against ``model``; tensors are cast to ``dtype``.
+    ``checksum``: the weights file's sha256 if the caller has just verified it (else it is hashed).
 
     Raises InvalidAdapter (malformed or unsupported) or AdapterIncompatible (does not fit ``model``
     or exceeds ``max_rank``); messages name the offending field, module, layer or tensor.
@@ -131,8 +133,9 @@ def load_peft_adapter(
             a, b = (_read_tensor(f, e, layer, name, side, dtype)
                     for side, e in zip("AB", pairs[(layer, name)], strict=True))
             weights[(layer, name)] = LoraWeights(a=a, b=b, rank=rank, scale=config.scale_for(rank, alpha))
+    checksum = checksum or sha256_file(path / WEIGHTS_NAME)
     dtypes = {_TORCH_DTYPES[e.dtype] for pair in pairs.values() for e in pair}
-    parsed = ParsedAdapter(config=config, weights=weights, checksum=sha256_file(path / WEIGHTS_NAME),
+    parsed = ParsedAdapter(config=config, weights=weights, checksum=checksum,
                            source_dtype=dtypes.pop() if len(dtypes) == 1 else None)
     logger.info(
         "parsed adapter %s: %d modules, ranks %s, %d bytes",

@@ -34,7 +34,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_store import legacy
-from adapter_store.fsio import file_lock, fs_now, fsync_dir, replace_file, sha256_file, write_file
+from adapter_store.failpoints import failpoint
+from adapter_store.fsio import (
+    file_lock,
+    fs_now,
+    fsync_dir,
+    replace_file,
+    sha256_file,
+    unique_token,
+    write_file,
+)
+from adapter_store.integrity import MANIFEST_NAME, is_intact
 from adapter_store.peft_format import CONFIG_NAME, WEIGHTS_NAME, check_adapter_files
 from adapter_store.refs import (
     ADAPTER_ID_PATTERN,
@@ -56,7 +66,6 @@ __all__ = ["ADAPTER_ID_PATTERN", "AdapterStore", "StagedAdapter", "StoredAdapter
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 STORED_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")  # anything else in an upload is ignored
 LAYOUT_FILE, LAYOUT = "store.json", 2
 SUBDIRS = ("versions", "refs", "staging", "leases", "locks", "trash")
@@ -139,31 +148,49 @@ class AdapterStore:
         """Make a staged upload the id's current version: version dir, then the ref, atomically."""
         ref = self.ref_path(staged.adapter_id)
         with self.locked():
+            failpoint("commit.locked")
             old = self._read_record(ref)
             if isinstance(old, StoredAdapterMeta) and not replace:
                 raise AdapterExists(staged.adapter_id)
-            target = self.version_path(staged.version)
-            if not target.is_dir():
-                os.rename(staged.path, target)
-                fsync_dir(target.parent)
+            self._place_version(staged)
             meta = StoredAdapterMeta(staged.adapter_id, staged.checksum, staged.size_bytes,
                                      created_at or time.time(), staged.version, _next_generation(old),
                                      tenant_of(staged.adapter_id))
-            replace_file(ref, encode(meta))
+            replace_file(ref, encode(meta), point="ref")
             key = RefKey.of(os.stat(ref))
+        failpoint("commit.done")
         logger.info("stored adapter %s (version %s, generation %d)", staged.adapter_id, staged.version[:12],
                     meta.generation, extra={"adapter_id": staged.adapter_id, "checksum": staged.checksum})
         return key, meta
+
+    def _place_version(self, staged: StagedAdapter) -> None:
+        """Rename the staged directory to its version's name (under the commit lock), durably.
+
+        The same content stored before is normally kept as it is. If that copy no longer verifies
+        (corrupted on disk), the upload of good bytes repairs it: the broken copy goes to trash and
+        the staged one takes its name, so every id naming this version serves again."""
+        target = self.version_path(staged.version)
+        if target.is_dir():
+            if is_intact(target):
+                return
+            logger.warning("version %s is corrupted on disk; replaced by the copy just uploaded",
+                           staged.version[:12], extra={"adapter_id": staged.adapter_id})
+            os.rename(target, self.root / "trash" / f"{staged.version}-{unique_token()}")
+        failpoint("commit.before_version_rename")
+        os.rename(staged.path, target)
+        failpoint("commit.version_renamed")
+        fsync_dir(target.parent)
 
     def delete(self, adapter_id: str) -> tuple[RefKey, Tombstone]:
         """Tombstone an adapter; UnknownAdapter if it is not live. Its version stays until collected."""
         ref = self.ref_path(adapter_id)
         with self.locked():
+            failpoint("delete.locked")
             old = self._read_record(ref)
             if not isinstance(old, StoredAdapterMeta):
                 raise UnknownAdapter(adapter_id)
             tomb = Tombstone(adapter_id, old.generation + 1, time.time())
-            replace_file(ref, encode(tomb))
+            replace_file(ref, encode(tomb), point="ref")
             key = RefKey.of(os.stat(ref))
         logger.info("deleted adapter %s (generation %d)", adapter_id, tomb.generation,
                     extra={"adapter_id": adapter_id})
@@ -188,9 +215,11 @@ class AdapterStore:
             data = source[name] if isinstance(source, Mapping) else Path(source) / name
             write_file(staging / name, data)
             files[name] = {"sha256": sha256_file(staging / name), "size": sizes[name]}
+        failpoint("stage.files_written")
         manifest = json.dumps({"files": files}, sort_keys=True).encode()
         write_file(staging / MANIFEST_NAME, manifest)
         fsync_dir(staging)
+        failpoint("stage.done")
         return StagedAdapter(adapter_id, staging, hashlib.sha256(manifest).hexdigest(),
                              files[WEIGHTS_NAME]["sha256"], size)
 

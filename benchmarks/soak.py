@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, spec in enumerate(specs):
             write_adapter(Path(tmp) / "src", spec, cfg, pool, i, torch.float32)
         dirs = {s.adapter_id: Path(tmp) / "src" / s.adapter_id for s in specs}
-        job = {"threads": args.threads, "dtype": "float32", "adapter_root": str(Path(tmp) / "store"),
+        job = {"threads": args.threads, "dtype": "float32", "adapter_store": str(Path(tmp) / "store"),
                "pool_bytes": 256 * 2**20, "max_num_seqs": 32}
         log.info("soak: %d minutes, %d clients, %d adapters; %s", args.minutes, args.clients,
                  args.adapters, cpu_note())

@@ -14,6 +14,10 @@ request; ``sync`` (the watcher calls it a few times a second, and listing calls 
 every ref. Ref reads and writes are applied to the maps in the order they happened under
 ``_sync_lock``; ``_lock`` guards only the maps, so the engine thread never waits on file I/O.
 
+Every read from disk first checks the version against its content address
+(adapter_store/integrity.py): corrupted bytes are refused (AdapterCorrupt), never served. A failed
+load fails only that adapter's requests and is retried after a backoff (server/adapter_failures.py).
+
 Threads: API threads add/remove/resolve; the engine thread asks ``spec_if_ready`` and
 ``host_weights``; one background thread reads adapters from disk into the host cache; the store
 watcher calls ``sync``.
@@ -26,18 +30,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from adapter_store.host_cache import HostCache
-from adapter_store.peft_format import LoraWeights, ParsedAdapter, load_peft_adapter
+from adapter_store.integrity import IntegrityError, verify_version
+from adapter_store.peft_format import WEIGHTS_NAME, LoraWeights, ParsedAdapter, load_peft_adapter
 from adapter_store.refs import RefKey, StoredAdapterMeta, Tombstone, is_valid_adapter_id
 from adapter_store.store import AdapterStore
+from server.adapter_failures import FailureCounts, LoadFailure, TooLargeHere, failure_after
 from server.adapter_residency import AdapterSpec, ModuleSpec
-from server.errors import AdapterTooLarge, UnknownAdapter
+from server.errors import AdapterTooLarge, AdapterUnavailable, UnknownAdapter
 from server.model_config import ModelConfig
 from server.page_layout import PageLayout
 
@@ -73,13 +79,14 @@ class AdapterRef:
     requests_served: int = 0
     deleted: bool = False  # replaced or deleted: takes no new requests, dropped after its last one
     spec: AdapterSpec | None = None
-    failed: Exception | None = field(default=None, repr=False)
+    failure: LoadFailure | None = field(default=None, repr=False)  # the last load failed
 
 
 class AdapterManager:
     def __init__(self, store: AdapterStore, model: ModelConfig, layout: PageLayout, num_pages: int,
                  host_cache_bytes: int, max_rank: int, dtype: torch.dtype,
-                 storage: AdapterStorage | None = None) -> None:
+                 storage: AdapterStorage | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.storage = storage or AdapterStorage("model", dtype, (dtype,))
         self.model = model
@@ -94,13 +101,18 @@ class AdapterManager:
         self._by_name: dict[str, AdapterRef] = {}
         self._by_uid: dict[int, AdapterRef] = {}
         self._seen: dict[str, RefKey] = {}  # every ref applied, live or tombstone -> stamp read
-        self._loading: dict[int, Future[None]] = {}
+        # uids with a load queued or running; added before the submit, so a load that ends at once
+        # can't leave its uid behind (which would block every later load of it)
+        self._loading: set[int] = set()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
         # Called (on the loader thread) when an adapter reaches host memory, so an engine loop
         # that is idling on requests waiting for it can wake at once.
         self.on_loaded: Callable[[], None] = lambda: None
         self.retired: list[int] = []  # uids whose last request ended after deletion; engine drains
         self._host_load_seconds: list[float] = []  # appended by the loader thread, drained by metrics
+        self._clock = clock
+        self.load_failures = FailureCounts()
+        self._fresh_failures: dict[int, AdapterUnavailable] = {}  # failed since the engine last asked
         self.sync()
 
     # ---- keeping up with the shared store ---------------------------------------------------
@@ -155,11 +167,9 @@ class AdapterManager:
         """Validate against the base model and the pool, store atomically, register with a new uid."""
         with self.store.stage(adapter_id, source, replace=replace) as staged:
             parsed = load_peft_adapter(staged.path, self.model, self.max_rank, self.dtype)
-            need = self._spec(0, adapter_id, parsed).pages_needed(self.layout)
-            if need > self.num_pages:
-                raise AdapterTooLarge(
-                    f"adapter {adapter_id!r} needs {need} pages of the pool; the pool has {self.num_pages}"
-                )
+            too_large = self._too_large(parsed, self._spec(0, adapter_id, parsed))
+            if too_large:
+                raise AdapterTooLarge(f"adapter {adapter_id!r} {too_large}")
             with self._sync_lock:
                 key, meta = self.store.commit(staged, replace=replace)
                 ref = self._apply(adapter_id, key, meta)
@@ -248,7 +258,8 @@ class AdapterManager:
 
     # ---- engine side ----------------------------------------------------------------------
     def spec_if_ready(self, uid: int) -> AdapterSpec | None:
-        """The adapter's shape if its weights are in host memory; else start reading it from disk."""
+        """The adapter's shape if its weights are in host memory; else start reading it from disk
+        (unless a failed load is still within its backoff)."""
         ref = self._by_uid.get(uid)
         if ref is None:
             return None
@@ -258,45 +269,93 @@ class AdapterManager:
         return None
 
     def prefetch(self, uid: int) -> None:
-        """Start reading the adapter from disk into host memory unless it is there or on its way.
-        Called when a request is admitted (any thread), so that a lone request's load starts then,
-        not when the engine first schedules it."""
+        """Start reading the adapter from disk into host memory unless it is there or on its way, or
+        its last load failed within its backoff. Called when a request is admitted (any thread), so
+        that a lone request's load starts then, not when the engine first schedules it. The uid is
+        marked loading before the load is submitted (a load that finished first left a stale mark)."""
         with self._lock:
             ref = self._by_uid.get(uid)
-            if ref is None or ref.failed is not None or uid in self._loading:
+            if ref is None or uid in self._loading:
+                return
+            if ref.failure is not None and ref.failure.current(self._clock()):
                 return
             if ref.spec is not None and uid in self.host:
                 return
-            self._loading[uid] = self._loader.submit(self._load_into_host, ref)
+            self._loading.add(uid)
+            self._loader.submit(self._load_into_host, ref)
 
-    def host_weights(self, uid: int) -> Mapping[tuple[int, str], LoraWeights]:
-        """Weights to copy into pages; read synchronously if the host cache dropped them meanwhile."""
+    def host_weights(self, uid: int) -> Mapping[tuple[int, str], LoraWeights] | None:
+        """Weights to copy into pages; read synchronously if the host cache dropped them meanwhile.
+        None if that read fails: the failure is recorded and the caller fails the adapter's requests."""
         ref = self._by_uid[uid]
-        parsed = self.host.get(uid) or self._read(ref)
+        parsed = self.host.get(uid)
+        if parsed is None:
+            try:
+                parsed = self._read(ref)
+            except Exception as exc:  # noqa: BLE001 - any read failure fails this adapter only
+                self._record_failure(ref, exc)
+                return None
         return parsed.weights
 
-    def failed(self, uid: int) -> Exception | None:
+    def failed(self, uid: int) -> AdapterUnavailable | None:
+        """The error for the adapter's requests while its last load failure is fresh, else None."""
         ref = self._by_uid.get(uid)
-        return None if ref is None else ref.failed
+        failure = None if ref is None else ref.failure
+        return failure.error if failure is not None and failure.current(self._clock()) else None
+
+    def take_failures(self) -> dict[int, AdapterUnavailable]:
+        """Loads that failed since the last call (uid -> error): every request that was waiting for
+        one fails, however long ago the failure happened (its backoff may be over already)."""
+        with self._lock:
+            out, self._fresh_failures = self._fresh_failures, {}
+            return out
 
     def _load_into_host(self, ref: AdapterRef) -> None:
         try:
             start = time.perf_counter()
             parsed = self._read(ref)
-            ref.spec = self._spec(ref.uid, ref.adapter_id, parsed)
+            spec = self._spec(ref.uid, ref.adapter_id, parsed)
+            too_large = self._too_large(parsed, spec)
+            if too_large:
+                raise TooLargeHere(too_large)
+            ref.spec = spec
             self.host.put(ref.uid, parsed)
+            ref.failure = None
             with self._lock:
                 self._host_load_seconds.append(time.perf_counter() - start)
-        except Exception as exc:  # surfaced to the adapter's waiting requests by the engine
-            log.exception("loading adapter %s failed", ref.adapter_id, extra={"adapter_id": ref.adapter_id})
-            ref.failed = exc
+        except Exception as exc:  # noqa: BLE001 - surfaced to the adapter's waiting requests by the engine
+            self._record_failure(ref, exc)
         finally:
             with self._lock:
-                self._loading.pop(ref.uid, None)
+                self._loading.discard(ref.uid)
             self.on_loaded()
 
+    def _record_failure(self, ref: AdapterRef, exc: Exception) -> None:
+        ref.failure = failure = failure_after(exc, ref.adapter_id, ref.failure, self._clock())
+        self.load_failures.add(failure.reason)
+        with self._lock:
+            self._fresh_failures[ref.uid] = failure.error
+        fields = {"adapter_id": ref.adapter_id, "reason": failure.reason}
+        if isinstance(exc, (IntegrityError, TooLargeHere, OSError)):  # the message says it all
+            log.error("loading adapter %s failed (%s): %s", ref.adapter_id, failure.reason, exc, extra=fields)
+        else:
+            log.exception("loading adapter %s failed (%s)", ref.adapter_id, failure.reason, extra=fields)
+
     def _read(self, ref: AdapterRef) -> ParsedAdapter:
-        return load_peft_adapter(ref.path, self.model, self.max_rank, self.dtype)
+        digests = verify_version(ref.path)
+        return load_peft_adapter(ref.path, self.model, self.max_rank, self.dtype,
+                                 checksum=digests[WEIGHTS_NAME])
+
+    def _too_large(self, parsed: ParsedAdapter, spec: AdapterSpec) -> str | None:
+        """Why this server can never hold the adapter (None: it can). Host memory must hold it whole:
+        an adapter the host cache refuses would be read from disk again on every try to place it."""
+        if parsed.nbytes > self.host.max_bytes:
+            return (f"needs {parsed.nbytes} bytes of host memory, more than host_cache_bytes "
+                    f"({self.host.max_bytes})")
+        pages = spec.pages_needed(self.layout)
+        if pages > self.num_pages:
+            return f"needs {pages} pages of the pool; the pool has {self.num_pages}"
+        return None
 
     def _spec(self, uid: int, name: str, parsed: ParsedAdapter) -> AdapterSpec:
         shapes = self.model.linear_shapes()

@@ -113,6 +113,9 @@ class LLMEngine:
         request_id = request_id or uuid.uuid4().hex
         self._validate(prompt_token_ids, params, request_id)
         ref = self.adapters.acquire(adapter_id) if adapter_id is not None else None
+        if ref is not None and (error := self.adapters.failed(ref.uid)) is not None:
+            self.adapters.release(ref.uid)  # its last load failed moments ago: fail fast, retry later
+            raise error
         if ref is not None and not self.scheduler.residency.is_resident(ref.uid):
             self.adapters.prefetch(ref.uid)  # the disk read starts now, not at the first schedule
         req = Request(
@@ -169,12 +172,9 @@ class LLMEngine:
         self._release_retired()
         outputs = self._fail_unloadable()
         out = self.scheduler.schedule()
-        for table in out.adapter_loads:
-            start = time.perf_counter()
-            self.runner.write_adapter(table, self.adapters.host_weights(table.uid))
-            seconds = time.perf_counter() - start
-            self._device_load_seconds.append(seconds)
-            self._costs.adapter_copy(seconds, len(table.all_pages()))
+        unreadable = self._write_adapters(out)
+        if unreadable:
+            outputs += self._drop_unwritten(out, unreadable)
         start = time.perf_counter()
         try:
             sampled = self.runner.execute(out, self.scheduler.residency.page_table, self._row)
@@ -232,17 +232,57 @@ class LLMEngine:
                 self.scheduler.residency.evict(uid)
             self.runner.drop_adapter(uid)
 
+    def _write_adapters(self, out: SchedulerOutput) -> dict[int, AdapterUnavailable]:
+        """Copy the step's newly placed adapters into their pages; those whose weights could not be
+        read (dropped from the host cache, then a disk error) -> the error for their requests."""
+        unreadable = {}
+        for table in out.adapter_loads:
+            start = time.perf_counter()
+            weights = self.adapters.host_weights(table.uid)
+            if weights is None:
+                unreadable[table.uid] = self.adapters.failed(table.uid) or AdapterUnavailable("")
+                continue
+            self.runner.write_adapter(table, weights)
+            seconds = time.perf_counter() - start
+            self._device_load_seconds.append(seconds)
+            self._costs.adapter_copy(seconds, len(table.all_pages()))
+        return unreadable
+
+    def _drop_unwritten(self, out: SchedulerOutput,
+                        errors: dict[int, AdapterUnavailable]) -> list[RequestOutput]:
+        """Take adapters whose pages were never written out of the step: their chunks are not run,
+        their requests end with the error, their pages and the KV blocks registered under them go
+        back. Every other request of the step runs as scheduled."""
+        out.chunks = [c for c in out.chunks if c.adapter_uid not in errors]
+        outs = self._fail_requests(errors)
+        for uid in errors:
+            self.scheduler.cache.drop_adapter(uid)
+            if self.scheduler.residency.is_resident(uid):
+                self.scheduler.residency.evict(uid)
+            self.runner.drop_adapter(uid)
+        return outs
+
     def _fail_unloadable(self) -> list[RequestOutput]:
-        """End waiting requests whose adapter could not be read from disk, with an error saying so
-        (AdapterUnavailable); nothing else waits on them."""
+        """End the requests waiting for an adapter whose load failed (since the last step, or still
+        within its retry backoff), with the error saying why; nothing else waits on them."""
+        errors = self.adapters.take_failures()
+        for req in self.scheduler.waiting:
+            uid = req.adapter_uid
+            if uid is not None and uid not in errors and (error := self.adapters.failed(uid)) is not None:
+                errors[uid] = error
+        return self._fail_requests(errors) if errors else []
+
+    def _fail_requests(self, errors: dict[int, AdapterUnavailable]) -> list[RequestOutput]:
         outs = []
-        for req in list(self.scheduler.waiting):
-            if req.adapter_uid is not None and self.adapters.failed(req.adapter_uid) is not None:
-                log.error("failing request: its adapter could not be loaded",
-                          extra={"request_id": req.request_id, "adapter_id": req.adapter_name})
-                out = self.abort(req.request_id)
-                if out is not None:
-                    outs.append(dataclasses.replace(out, error=AdapterUnavailable(req.adapter_name or "")))
+        for req in [*self.scheduler.running, *self.scheduler.waiting]:
+            error = errors.get(req.adapter_uid) if req.adapter_uid is not None else None
+            if error is None:
+                continue
+            log.error("failing request: its adapter could not be loaded (%s)", error.code,
+                      extra={"request_id": req.request_id, "adapter_id": req.adapter_name})
+            out = self.abort(req.request_id)
+            if out is not None:
+                outs.append(dataclasses.replace(out, error=error.for_id(req.adapter_name or "")))
         return outs
 
     # ---- adapters and stats -------------------------------------------------------------
@@ -294,6 +334,7 @@ class LLMEngine:
                 blocks=cache.num_blocks, blocks_evictable=cache.num_parked_blocks,
                 blocks_dropped=cache.stats.dropped_blocks),
             evictions={"kv_block": evictions["kv_block"], "adapter": evictions["adapter"]},
+            adapter_load_failures=self.adapters.load_failures.snapshot(),
         )
 
 

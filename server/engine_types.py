@@ -95,3 +95,4 @@ class EngineStats:
     pool_pages_cached: int = 0  # cached KV blocks no request reads (reclaimable)
     prefix_cache: PrefixCacheInfo = field(default_factory=PrefixCacheInfo)
     evictions: dict[str, int] = field(default_factory=dict)  # pressure evictions by unit kind
+    adapter_load_failures: dict[str, int] = field(default_factory=dict)  # by reason (adapter_failures)

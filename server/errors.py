@@ -117,13 +117,36 @@ class Overloaded(ServerError):
 
 
 class AdapterUnavailable(ServerError):
-    """A stored adapter could not be read (disk error, file gone): its requests fail with this,
-    every other request carries on. 503: another replica, or a later try, may read it."""
+    """A stored adapter could not be loaded: its requests fail with this, every other request
+    carries on. 503: a later try (after ``retry_after``), or another replica, may load it. The
+    message names only the adapter (never a server path); the cause is in the server log."""
 
     status, code, type = 503, "adapter_unavailable", "server_error"
+    default_reason = "could not be read from the adapter store; the cause is in the server log"
 
-    def __init__(self, adapter_id: str, retry_after: int = 5) -> None:
-        super().__init__(f"adapter {adapter_id!r} could not be read from the adapter store; the cause "
-                         "is in the server log", param="adapter_id")
+    def __init__(self, adapter_id: str, reason: str | None = None, retry_after: int = 5) -> None:
+        self.reason = reason or self.default_reason
+        super().__init__(f"adapter {adapter_id!r} {self.reason}", param="adapter_id")
         self.adapter_id = adapter_id
         self.retry_after = retry_after
+
+    def for_id(self, adapter_id: str) -> AdapterUnavailable:
+        """The same error naming the adapter as the caller named it (a tenant's plain name)."""
+        return type(self)(adapter_id, self.reason, self.retry_after)
+
+
+class AdapterCorrupt(AdapterUnavailable):
+    """A stored file of the adapter no longer matches the sha256 recorded when it was stored (disk
+    or copy corruption): it is refused rather than served wrong. Uploading the adapter again
+    repairs the stored copy."""
+
+    code = "adapter_corrupt"
+    default_reason = ("failed its integrity check (a stored file does not match its sha256); upload it "
+                      "again with replace=true")
+
+
+class AdapterTooLargeHere(AdapterUnavailable):
+    """A stored adapter (uploaded through a replica with larger limits) needs more host memory or
+    pool pages than this server has: it can never load here, another replica may serve it."""
+
+    code = "adapter_too_large"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from adapter_store.host_cache import HostCache
 from adapter_store.peft_format import load_peft_adapter
 from adapter_store.store import AdapterStore
 from server.adapters import AdapterManager
@@ -26,16 +27,23 @@ def v2(make_peft_adapter) -> Path:
     return make_peft_adapter("v2", seed=1, r=4, target_modules=["q_proj", "o_proj"])[0]
 
 
+class ForgetfulCache(HostCache):
+    """Takes adapters of any size but keeps none."""
+
+    def put(self, key, value):
+        return value
+
+
 @pytest.fixture
 def manager_on(tiny_model_config):
-    """Factory: a registry over the store at ``root``; host_cache_bytes=1 caches nothing, so every
-    weight read goes to disk (as when the host cache has dropped an adapter under pressure)."""
+    """Factory: a registry over the store at ``root`` whose host cache keeps nothing, so every weight
+    read goes to disk (as when the host cache has dropped an adapter under pressure)."""
     made = []
 
-    def make(root: Path, host_cache_bytes: int = 1) -> AdapterManager:
+    def make(root: Path) -> AdapterManager:
         layout = PageLayout.for_model(tiny_model_config)
-        m = AdapterManager(AdapterStore(root), tiny_model_config, layout, 4096, host_cache_bytes, 256,
-                           torch.float32)
+        m = AdapterManager(AdapterStore(root), tiny_model_config, layout, 4096, 2**30, 256, torch.float32)
+        m.host = ForgetfulCache(2**30)
         made.append(m)
         return m
 

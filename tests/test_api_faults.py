@@ -1,6 +1,8 @@
 """Faults: an adapter whose weights can't be read (file gone, a disk error, a read that hangs) fails
-its own requests with a clean 503 and never stalls the engine loop for anyone else; SIGTERM with a
-stream longer than the drain timeout still exits 0, having stopped accepting connections at once.
+its own requests with a clean 503 and never stalls the engine loop for anyone else, and loads again
+once the file is back; a corrupted store file answers 503 adapter_corrupt (counted in metrics,
+logged) until a re-upload of good bytes repairs it; SIGTERM with a stream longer than the drain
+timeout still exits 0, having stopped accepting connections at once.
 
 The host cache holds two of these adapters, so the ones uploaded first are on disk only by the time
 they are first used: their first request reads the (sabotaged) store file.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -23,7 +26,8 @@ from tests.store_helpers import weights_file
 pytestmark = pytest.mark.slow
 
 PROMPT = "Once upon a time"
-COLD = ("doomed", "broken", "stuck")  # evicted from the host cache by the fillers uploaded after them
+# Evicted from the host cache by the fillers uploaded after them.
+COLD = ("doomed", "broken", "stuck", "rotten", "flaky")
 FILLERS = ("filler-1", "filler-2")
 DRAIN_TIMEOUT = 3
 
@@ -37,6 +41,7 @@ def server(api_server_factory, tmp_path_factory):
         path = write_adapter(root / name, rank=8, modules=("v_proj",), seed=i)
         assert upload(s.url, name, path).status_code == 201
     s.store_dir = s.log_path.parent / "adapters"
+    s.sources = root
     yield s
     s.stop()  # its memory and CPU go back to the rest of the suite
 
@@ -119,6 +124,52 @@ def test_hung_adapter_read_never_stalls_the_engine(server):
     assert_unavailable(complete(server.url, model="stuck"), "stuck")
     assert wait_until(lambda: metric(server.url, "lora_server_pool_pages", kind="kv") == 0)
     assert httpx.get(f"{server.url}/ready").status_code == 200
+
+
+def test_a_failed_load_is_retried_once_the_file_is_back(server):
+    path = weights(server, "flaky")
+    data = path.read_bytes()
+    path.unlink()
+    assert_unavailable(complete(server.url, model="flaky"), "flaky")
+    assert metric(server.url, "lora_server_adapter_load_failures_total", reason="missing") >= 1
+    path.write_bytes(data)
+    # The next request after the backoff (Retry-After: 1 s at first) loads it: no restart needed.
+    assert wait_until(lambda: complete(server.url, model="flaky").status_code == 200, timeout=60,
+                      interval=0.5)
+
+
+def test_a_corrupted_adapter_is_refused_until_good_bytes_are_uploaded_again(server, tmp_path):
+    source = server.sources / "rotten"
+    # The same weights with the config written differently: another version, the same outputs.
+    twin = tmp_path / "twin"
+    shutil.copytree(source, twin)
+    config = json.loads((twin / "adapter_config.json").read_text())
+    (twin / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    assert upload(server.url, "rotten-twin", twin).status_code == 201
+    want = complete(server.url, model="rotten-twin").json()["choices"][0]["text"]
+    failures = metric(server.url, "lora_server_adapter_load_failures_total", reason="corrupt")
+
+    path = weights(server, "rotten")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # a flipped bit inside a tensor: the file still parses
+    path.write_bytes(bytes(data))
+    for body in ({}, {"stream": True}):
+        r = complete(server.url, model="rotten", **body)
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["code"] == "adapter_corrupt" and error["param"] == "adapter_id"
+        assert "'rotten'" in error["message"] and "/" not in error["message"]
+        assert int(r.headers["Retry-After"]) >= 1
+    assert metric(server.url, "lora_server_adapter_load_failures_total", reason="corrupt") == failures + 1
+    assert "loading adapter rotten failed (corrupt)" in server.log()
+    for name in (*FILLERS, None):  # everything else keeps serving
+        assert complete(server.url, **({"model": name} if name else {})).status_code == 200
+
+    assert upload(server.url, "rotten", source, replace=True).status_code == 201
+    r = complete(server.url, model="rotten")
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == want
+    assert weights(server, "rotten").read_bytes() == (source / "adapter_model.safetensors").read_bytes()
 
 
 def test_sigterm_with_a_stream_longer_than_the_drain_timeout_exits_0(server):

@@ -190,8 +190,8 @@ class GenerationGroup:
         except UnknownAdapter:  # deleted since it was resolved: the caller's own name for it, as ever
             self._queue.put_nowait((choice.index, UnknownAdapter(self._shown_id)))
             return
-        except AdapterUnavailable:
-            self._queue.put_nowait((choice.index, AdapterUnavailable(self._shown_id)))
+        except AdapterUnavailable as exc:
+            self._queue.put_nowait((choice.index, exc.for_id(self._shown_id)))
             return
         except ServerError as exc:  # delivered to the consumer, which maps it to an HTTP error
             self._queue.put_nowait((choice.index, exc))

@@ -62,6 +62,14 @@ class EngineCollector(Collector):
         yield _counter("adapter_loads", "Adapter copies into pool pages.", s.adapter_loads_total)
         yield _counter("adapter_evictions", "Adapters evicted from pool pages.", s.adapter_evictions_total)
         yield _counter("preemptions", "Requests preempted for lack of pages.", s.preemptions_total)
+        failures = CounterMetricFamily(
+            f"{PREFIX}_adapter_load_failures", "Adapter loads from disk that failed, by reason: corrupt "
+            "(checksum mismatch), missing (file gone), io (read error), invalid (does not parse or fit), "
+            "too_large (more than this server's host cache or pool), error (anything else).",
+            labels=["reason"])
+        for reason, count in s.adapter_load_failures.items():
+            failures.add_metric([reason], count)
+        yield failures
         yield from _prefix_cache_metrics(s)
         yield _gauge("host_cache_bytes", "Bytes of adapter weights in the host cache.", s.host_cache_bytes)
         yield _lora_requests_info(s)

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from adapter_store.failpoints import failpoint
 from adapter_store.tenancy import ADAPTER_ID_PATTERN, split
 from server.api.auth import require_admin_key, require_api_key
 from server.api.schemas import AdapterCard, AdapterDeleted, AdapterList, ErrorResponse
@@ -71,6 +72,7 @@ async def upload_adapter(request: Request, principal: Principal = Depends(requir
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="adapter-upload-") as tmp:
         upload = await receive_upload(request, int(settings.max_upload_bytes), Path(tmp))
+        failpoint("upload.received")
         stored = principal.stored_id(upload.adapter_id)
         request.state.adapter_id = stored
         if split(stored)[1] == engine.model_name:
@@ -86,6 +88,7 @@ async def upload_adapter(request: Request, principal: Principal = Depends(requir
             info = await run_in_threadpool(store)
         except AdapterExists:
             raise AdapterExists(upload.adapter_id) from None
+    failpoint("upload.committed")
     state.metrics.upload.observe(time.perf_counter() - started)
     logger.info("adapter stored: rank %d, %d bytes, sha256 %s", info.rank, info.size_bytes, info.checksum,
                 extra={"request_id": "-", "adapter_id": info.adapter_id})

@@ -1,0 +1,85 @@
+"""Checking a stored adapter version against its content address before it is served.
+
+A version directory ``versions/<sha>/`` holds ``manifest.json`` (every file's sha256 and size) and
+its name is the sha256 of that manifest, so the whole version is checkable from its name alone: the
+manifest against the name, then each file against the manifest. Bit rot, a torn copy between
+volumes, or a hand-edited file is caught here and the adapter is refused, never served with wrong
+weights (which would be silent: corrupted weights still parse).
+
+Hashing streams each file in 1 MiB chunks (no more memory than that); it reads the bytes parsing
+reads anyway, and sha256 runs at several hundred MB/s, cheap next to building the tensors.
+
+A file that is missing or not a regular file (a directory, a FIFO) is an I/O fault (``OSError``),
+not corruption: the bytes were not there to check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+CHUNK = 1 << 20
+
+
+class IntegrityError(Exception):
+    """A version's bytes differ from its content address. The message names the file and both
+    digests, for the server log; clients get ``server.errors.AdapterCorrupt`` instead."""
+
+
+def verify_version(path: Path) -> dict[str, str]:
+    """Check the version directory ``path`` (named by its manifest's sha256) file by file.
+
+    Returns ``{file name: sha256}`` of the files it checked. Raises IntegrityError on any mismatch,
+    FileNotFoundError or another OSError if a file can't be read.
+    """
+    manifest = _read_regular(path / MANIFEST_NAME)
+    digest = hashlib.sha256(manifest).hexdigest()
+    if digest != path.name:
+        raise IntegrityError(f"{path / MANIFEST_NAME}: sha256 {digest} does not match the version name")
+    try:
+        files = {str(name): (str(rec["sha256"]), int(rec["size"]))
+                 for name, rec in json.loads(manifest)["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # hash matched: written so
+        raise IntegrityError(f"{path / MANIFEST_NAME}: malformed manifest ({exc})") from exc
+    for name, (want, size) in sorted(files.items()):
+        got_size, got = hash_regular_file(path / name)
+        if got_size != size or got != want:
+            raise IntegrityError(f"{path / name}: {got_size} bytes with sha256 {got}; the manifest "
+                                 f"says {size} bytes with sha256 {want}")
+    return {name: sha for name, (sha, _) in files.items()}
+
+
+def is_intact(path: Path) -> bool:
+    """Whether the version at ``path`` exists and verifies (a commit decides with this whether an
+    existing copy of the same content must be replaced by the one just uploaded)."""
+    try:
+        verify_version(path)
+    except (IntegrityError, OSError):
+        return False
+    return True
+
+
+def hash_regular_file(path: Path) -> tuple[int, str]:
+    """(size, sha256 hex) of the regular file ``path``, read in chunks."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        _check_regular(f.fileno(), path)
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _read_regular(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        _check_regular(f.fileno(), path)
+        return f.read()
+
+
+def _check_regular(fd: int, path: Path) -> None:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise OSError(f"{path} is not a regular file")
