@@ -38,15 +38,17 @@ SCENARIOS = {"decode-a8": (8, 8), "decode-a64": (1, 64), "prefill-a8": (64, 8)}
 RANKS = (8, 16, 32, 64)
 
 
-def _arena(cfg: ModelConfig, layout: PageLayout, num_adapters: int, dtype: torch.dtype):
+def make_arena(cfg: ModelConfig, layout: PageLayout, num_adapters: int, dtype: torch.dtype,
+               dora: bool = False):
+    """Random adapters (ranks cycling RANKS, all seven modules; DoRA: with scale rows) in an arena."""
     shapes = cfg.linear_shapes()
     specs = [AdapterSpec(uid=n, name=f"a{n}", modules={
-        (layer, m): ModuleSpec(RANKS[n % len(RANKS)], 2.0, *shapes[m])
+        (layer, m): ModuleSpec(RANKS[n % len(RANKS)], 2.0, *shapes[m], dora=dora)
         for layer in range(cfg.num_layers) for m in LORA_MODULES}) for n in range(num_adapters)]
     num_pages = sum(s.pages_needed(layout) for s in specs)
     residency = AdapterResidency(PagePool(num_pages), layout)
     tables = [residency.load(s) for s in specs]
-    arena = (torch.randn(num_pages, layout.page_elems) * 0.05).to(dtype)
+    arena = (torch.randn(num_pages, layout.page_elems) * 0.05 + (1.0 if dora else 0.0)).to(dtype)
     return arena, tables
 
 
@@ -54,7 +56,7 @@ def bench(backend_name: str, scenario: str, dtype: torch.dtype, repeat: int) -> 
     cfg = ModelConfig.from_hf_dict(SMOLLM2)
     layout = PageLayout.for_model(cfg)
     per_seg, num_adapters = SCENARIOS[scenario]
-    arena, tables = _arena(cfg, layout, num_adapters, dtype)
+    arena, tables = make_arena(cfg, layout, num_adapters, dtype)
     backend = select_lora_backend(arena, layout, "torch", backend_name)
     seg_starts = tuple(range(0, per_seg * num_adapters + 1, per_seg))
     segments = LoraSegments(seg_starts, tuple(range(num_adapters)))

@@ -10,8 +10,17 @@
  *         y[t, col_m + n] += d.scale * sum_j v[t, j] * Bt_j[n]   n < width_m  (expand)
  *
  * where A_j is the arena row at element offset ((int64_t *) d.a_rows)[j], Bt_j likewise (rows of
- * B transposed). The torch reference is kernels/lora.py: lora_shrink_ref / lora_expand_ref, and
- * LoraBatch.apply_group's semantics (one rounding of y when y is bf16).
+ * B transposed). The torch reference is kernels/lora.py: lora_shrink_ref / lora_expand_ref and
+ * lora_group_ref (one rounding of y when y is bf16). Two variants per module:
+ *   - DoRA (d.g_rows != 0): the epilogue scales the output, y[t, col_m + n] = g[n] * (y + ...),
+ *     g being the module's scale row in the arena (y holds the base layer's output on entry);
+ *   - gather (embed_tokens): x holds int32 token ids and v[t, j] = A^T[x[t]][j] (A stored
+ *     transposed: a_rows has one offset per token id);
+ *   - replace (a module's full copy): y[t, col_m + n] = scale * sum_j v[t, j] * Bt_j[n], the base
+ *     output dropped.
+ * A module writes its first d.out columns (<= width_m): at lm_head adapters differ in vocabulary.
+ * A row longer than row_cap elements (lm_head's B^T and g: vocab-long) is stored as pieces of
+ * row_cap columns, piece-major: piece c of row j is b_rows[c * rank + j] (server/page_layout.py).
  *
  * Why a C kernel: a decode step with 64 adapters makes ~16,000 tiny per-adapter matmuls through
  * torch (each paying a fixed dispatch cost larger than its arithmetic). Here one call per group
@@ -27,8 +36,11 @@
 typedef struct {
     int64_t rank;    /* 0: this segment's adapter lacks the module (or no adapter) */
     int64_t a_rows;  /* address of int64_t[rank]: element offsets of A's rows in the arena */
-    int64_t b_rows;  /* address of int64_t[rank]: element offsets of B^T's rows */
+    int64_t b_rows;  /* address of int64_t[rank * pieces]: element offsets of B^T's rows */
     double scale;
+    int64_t g_rows;  /* DoRA: address of int64_t[pieces]: offsets of the scale row g; 0: none */
+    int64_t out;     /* columns written (the module's out_features) */
+    int64_t replace; /* 1: a full copy, its output replaces y's */
 } Desc;
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -144,53 +156,115 @@ static void expand_f32(const float *arena, const int64_t *br, int64_t r, int64_t
         }
 }
 
+/* Columns of piece c of an output of width N cut into pieces of cw: [c * cw, c * cw + *n). */
+static inline int64_t piece(int64_t c, int64_t cw, int64_t N, int64_t *n) {
+    *n = N - c * cw < cw ? N - c * cw : cw;
+    return c * cw;
+}
+
+/* DoRA's epilogue: y_i[k] *= g[k] for the tile's rows. */
+static void scale_rows(float *const ys[TILE], int nt, const float *g, int64_t n) {
+    for (int i = 0; i < nt; i++)
+        for (int64_t k = 0; k < n; k++) ys[i][k] *= g[k];
+}
+
+static void zero_rows(float *const ys[TILE], int nt, int64_t n) {
+    for (int i = 0; i < nt; i++) memset(ys[i], 0, sizeof(float) * (size_t)n);
+}
+
 /* One tile (nt <= TILE tokens of one segment) of one module, fp32 arena/x/y.
- * xs[i]: x row of token i; ys[i]: y row (already offset to the module's first column). */
-static void tile_f32(const float *arena, const Desc *d, int64_t K, int64_t N, int nt,
-                     const float *xs[TILE], float *ys[TILE], float *v) {
+ * xs[i]: x row of token i (ids: their token ids for a gather); ys[i]: y row (already offset to
+ * the module's first column). */
+static void tile_f32(const float *arena, const Desc *d, int64_t K, int64_t N, int64_t cap, int nt,
+                     const float *xs[TILE], const int32_t *ids, float *ys[TILE], float *v) {
     const int64_t *ar = (const int64_t *)(intptr_t)d->a_rows;
     const int64_t *br = (const int64_t *)(intptr_t)d->b_rows;
-    shrink_f32(arena, ar, d->rank, (float)d->scale, K, nt, xs, v);
-    expand_f32(arena, br, d->rank, N, nt, v, ys);
+    const int64_t *gr = (const int64_t *)(intptr_t)d->g_rows;
+    const int64_t r = d->rank, cw = N > cap ? cap : N;
+    const float sc = (float)d->scale;
+    if (ids) {
+        for (int i = 0; i < nt; i++)
+            for (int64_t j = 0; j < r; j++) v[i * r + j] = arena[ar[ids[i]] + j] * sc;
+    } else {
+        shrink_f32(arena, ar, r, sc, K, nt, xs, v);
+    }
+    if (cw == N) { /* rows within a page: kept apart from the loop below, which compiles slower */
+        if (d->replace) zero_rows(ys, nt, N);
+        expand_f32(arena, br, r, N, nt, v, ys);
+        if (gr) scale_rows(ys, nt, arena + gr[0], N);
+        return;
+    }
+    for (int64_t c = 0; c * cw < N; c++) { /* rows in pieces (lm_head) */
+        int64_t n;
+        const int64_t n0 = piece(c, cw, N, &n);
+        float *yc[TILE];
+        for (int i = 0; i < nt; i++) yc[i] = ys[i] + n0;
+        if (d->replace) zero_rows(yc, nt, n);
+        expand_f32(arena, br + c * r, r, n, nt, v, yc);
+        if (gr) scale_rows(yc, nt, arena + gr[c], n);
+    }
 }
 
 /* The same for bf16 arena/x/y: weights and x widened to fp32, the delta accumulated in fp32 and
- * added to y with one rounding. acc: TILE * N floats. */
-static void tile_bf16(const uint16_t *arena, const Desc *d, int64_t K, int64_t N, int nt,
-                      const float *xs[TILE], uint16_t *ys[TILE], float *v, float *acc) {
+ * added to y (then scaled by g for DoRA) with one rounding. acc: TILE * N floats. */
+static void tile_bf16(const uint16_t *arena, const Desc *d, int64_t K, int64_t N, int64_t cap, int nt,
+                      const float *xs[TILE], const int32_t *ids, uint16_t *ys[TILE], float *v, float *acc) {
     const int64_t *ar = (const int64_t *)(intptr_t)d->a_rows;
     const int64_t *br = (const int64_t *)(intptr_t)d->b_rows;
-    const int64_t r = d->rank;
+    const int64_t *gr = (const int64_t *)(intptr_t)d->g_rows;
+    const int64_t r = d->rank, cw = N > cap ? cap : N;
     const float sc = (float)d->scale;
-    for (int64_t j = 0; j < r; j++) {
-        const uint16_t *a = arena + ar[j];
-        for (int i = 0; i < nt; i++) {
-            const float *xi = xs[i];
-            float s = 0.f;
-            for (int64_t k = 0; k < K; k++) s += bf16_to_f32(a[k]) * xi[k];
-            v[i * r + j] = s * sc;
+    if (ids) {
+        for (int i = 0; i < nt; i++)
+            for (int64_t j = 0; j < r; j++) v[i * r + j] = bf16_to_f32(arena[ar[ids[i]] + j]) * sc;
+    } else {
+        for (int64_t j = 0; j < r; j++) {
+            const uint16_t *a = arena + ar[j];
+            for (int i = 0; i < nt; i++) {
+                const float *xi = xs[i];
+                float s = 0.f;
+                for (int64_t k = 0; k < K; k++) s += bf16_to_f32(a[k]) * xi[k];
+                v[i * r + j] = s * sc;
+            }
         }
     }
     memset(acc, 0, sizeof(float) * (size_t)(nt * N));
-    for (int64_t j = 0; j < r; j++) {
-        const uint16_t *b = arena + br[j];
-        for (int i = 0; i < nt; i++) {
-            float *ai = acc + i * N;
-            const float w = v[i * r + j];
-            for (int64_t n = 0; n < N; n++) ai[n] += w * bf16_to_f32(b[n]);
+    for (int64_t c = 0; c * cw < N; c++) {
+        int64_t n;
+        const int64_t n0 = piece(c, cw, N, &n);
+        for (int64_t j = 0; j < r; j++) {
+            const uint16_t *b = arena + br[c * r + j];
+            for (int i = 0; i < nt; i++) {
+                float *ai = acc + i * N + n0;
+                const float w = v[i * r + j];
+                for (int64_t k = 0; k < n; k++) ai[k] += w * bf16_to_f32(b[k]);
+            }
         }
     }
-    for (int i = 0; i < nt; i++)
-        for (int64_t n = 0; n < N; n++) ys[i][n] = f32_to_bf16(bf16_to_f32(ys[i][n]) + acc[i * N + n]);
+    for (int64_t c = 0; c * cw < N; c++) { /* epilogue: base output (unless replaced), DoRA, one rounding */
+        int64_t n;
+        const int64_t n0 = piece(c, cw, N, &n);
+        const uint16_t *g = gr ? arena + gr[c] : NULL;
+        for (int i = 0; i < nt; i++) {
+            float *ai = acc + i * N + n0;
+            uint16_t *yi = ys[i] + n0;
+            if (!d->replace)
+                for (int64_t k = 0; k < n; k++) ai[k] += bf16_to_f32(yi[k]);
+            if (g)
+                for (int64_t k = 0; k < n; k++) ai[k] *= bf16_to_f32(g[k]);
+            for (int64_t k = 0; k < n; k++) yi[k] = f32_to_bf16(ai[k]);
+        }
+    }
 }
 
 /* Returns 0, or -1 if memory for the work list could not be allocated.
- * is_bf16: arena, x and y are bf16 (else fp32). x: [T, K] rows ldx apart; y: rows ldy apart.
- * seg_starts: int64[nseg + 1]; desc: Desc[nseg * desc_stride]; mods, cols, widths: int64[nmod]. */
+ * is_bf16: arena, x and y are bf16 (else fp32). x: [T, K] rows ldx apart (gather: int32[T] token
+ * ids); y: rows ldy apart. seg_starts: int64[nseg + 1]; desc: Desc[nseg * desc_stride]; mods,
+ * cols, widths: int64[nmod]. row_cap: the longest stored row (page_elems). */
 int lora_group(int is_bf16, const void *arena, const void *x, int64_t ldx, void *y, int64_t ldy,
                int64_t K, int64_t nseg, const int64_t *seg_starts, const Desc *desc,
                int64_t desc_stride, int64_t nmod, const int64_t *mods, const int64_t *cols,
-               const int64_t *widths, int num_threads) {
+               const int64_t *widths, int num_threads, int gather, int64_t row_cap) {
     int64_t nitems = 0;
     for (int64_t s = 0; s < nseg; s++) nitems += (seg_starts[s + 1] - seg_starts[s] + TILE - 1) / TILE;
     if (nitems == 0) return 0;
@@ -217,8 +291,8 @@ int lora_group(int is_bf16, const void *arena, const void *x, int64_t ldx, void 
     {
         float *v = malloc(sizeof(float) * (size_t)(TILE * max_rank));
         float *acc = is_bf16 ? malloc(sizeof(float) * (size_t)(TILE * max_n)) : NULL;
-        float *xbuf = is_bf16 ? malloc(sizeof(float) * (size_t)(TILE * K)) : NULL;
-        int ok = v && (!is_bf16 || (acc && xbuf));
+        float *xbuf = is_bf16 && !gather ? malloc(sizeof(float) * (size_t)(TILE * K)) : NULL;
+        int ok = v && (!is_bf16 || (acc && (xbuf || gather)));
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -230,26 +304,28 @@ int lora_group(int is_bf16, const void *arena, const void *x, int64_t ldx, void 
             const int64_t end = seg_starts[s + 1];
             const int nt = (int)(end - t0 < TILE ? end - t0 : TILE);
             const float *xs[TILE];
-            if (is_bf16) {
+            const int32_t *ids = gather ? (const int32_t *)x + t0 : NULL;
+            if (is_bf16 && !gather) {
                 for (int i = 0; i < nt; i++) {
                     const uint16_t *xr = (const uint16_t *)x + (t0 + i) * ldx;
                     for (int64_t k = 0; k < K; k++) xbuf[i * K + k] = bf16_to_f32(xr[k]);
                     xs[i] = xbuf + i * K;
                 }
-            } else {
+            } else if (!gather) {
                 for (int i = 0; i < nt; i++) xs[i] = (const float *)x + (t0 + i) * ldx;
             }
             for (int64_t m = 0; m < nmod; m++) {
                 const Desc *d = desc + s * desc_stride + mods[m];
                 if (d->rank <= 0) continue;
+                const int64_t N = d->out < widths[m] ? d->out : widths[m];
                 if (is_bf16) {
                     uint16_t *ys[TILE];
                     for (int i = 0; i < nt; i++) ys[i] = (uint16_t *)y + (t0 + i) * ldy + cols[m];
-                    tile_bf16((const uint16_t *)arena, d, K, widths[m], nt, xs, ys, v, acc);
+                    tile_bf16((const uint16_t *)arena, d, K, N, row_cap, nt, xs, ids, ys, v, acc);
                 } else {
                     float *ys[TILE];
                     for (int i = 0; i < nt; i++) ys[i] = (float *)y + (t0 + i) * ldy + cols[m];
-                    tile_f32((const float *)arena, d, K, widths[m], nt, xs, ys, v);
+                    tile_f32((const float *)arena, d, K, N, row_cap, nt, xs, ids, ys, v);
                 }
             }
         }

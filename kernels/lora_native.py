@@ -6,9 +6,11 @@ adapter of the step and reads the rows in place from the pages (no gathered copy
 
 Tables: per resident adapter, ``AdapterRows`` holds the element offsets of every row of every
 (layer, module) matrix in the arena and a descriptor per (layer, module): ``(rank, address of the
-A row offsets, address of the B^T row offsets, scale)``, the C struct ``Desc``. Built once when
-the adapter is first used (pure arithmetic on its page table) and dropped when it is evicted. Per
-step, ``NativeStep`` stacks the descriptors of each segment's adapter into ``[L, S, M, 4]``.
+A row offsets, address of the B^T row offsets, scale, address of the DoRA scale row's offsets or
+0, output columns, replace)``, the C struct ``Desc``. Built once when the adapter is first used
+(pure arithmetic on its page table) and dropped when it is evicted. Per step, ``NativeStep``
+stacks the descriptors of each segment's adapter into ``[L, S, M, 7]`` (and of each sample
+segment, for the lm_head group).
 Everything here is host memory: there is nothing to upload.
 """
 
@@ -20,37 +22,44 @@ import torch
 
 from kernels.lora import LoraSegments
 from kernels.lora_backend import LoraBackend, LoraStep
-from kernels.lora_pages import AdapterWeights, adapter_matrices
+from kernels.lora_pages import AdapterWeights, adapter_matrices, to_stored
 from kernels.native_lib import library
 from kernels.step_buffer import StepPack
-from server.model_config import LORA_MODULES, LoraGroup
-from server.page_layout import AdapterPageTable, PageLayout
+from server.model_config import GATHER, KERNEL_MODULES, MODEL_MODULES, SAMPLES, LoraGroup
+from server.page_layout import AdapterPageTable, PageLayout, stored_shape
 
-MODULE_INDEX = {m: i for i, m in enumerate(LORA_MODULES)}  # a descriptor's index on its module axis
+MODULE_INDEX = {m: i for i, m in enumerate(KERNEL_MODULES)}  # a descriptor's index on its module axis
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # of the arena, x and y
-DESC_FIELDS = 4  # rank, a_rows address, b_rows address, scale (float64 bits)
+DESC_FIELDS = 7  # rank, a_rows, b_rows, scale (float64 bits), g_rows (or 0), out columns, replace
+MODULES = len(KERNEL_MODULES)
 
 
 class AdapterRows:
-    """One adapter's row offsets and descriptors ``[num_layers, len(LORA_MODULES), DESC_FIELDS]`` (int64)."""
+    """One adapter's row offsets and descriptors ``[num_layers, len(KERNEL_MODULES), DESC_FIELDS]``."""
 
     def __init__(self, table: AdapterPageTable, num_layers: int, page_elems: int) -> None:
         offsets: list[int] = []
-        spans: dict[tuple[int, str], tuple[int, int, int]] = {}
+        spans: dict[tuple[int, str], tuple[int, int, int, int]] = {}
         for key, mat in table.modules.items():
-            first_a = len(offsets)
-            offsets += _row_offsets(mat.a_pages, mat.rank, mat.in_features, page_elems)
-            first_b = len(offsets)
-            offsets += _row_offsets(mat.b_pages, mat.rank, mat.out_features, page_elems)
-            spans[key] = (mat.rank, first_a, first_b)
+            starts = []
+            for pages, shape in ((mat.a_pages, mat.a_shape), (mat.b_pages, (mat.rank, mat.out_features)),
+                                 (mat.g_pages, (1, mat.out_features) if mat.dora else None)):
+                starts.append(len(offsets) if shape else -1)
+                if shape:
+                    offsets += _row_offsets(pages, *stored_shape(*shape, page_elems), page_elems)
+            spans[key] = (mat.rank, *starts)
         self.rows = torch.tensor(offsets or [0], dtype=torch.int64)
+        self.model_modules = {m for _, m in table.modules if m in MODEL_MODULES}
         base, item = self.rows.data_ptr(), self.rows.element_size()
-        desc = torch.zeros(num_layers, len(LORA_MODULES), DESC_FIELDS, dtype=torch.int64)
-        scales = torch.zeros(num_layers, len(LORA_MODULES), dtype=torch.float64)
-        for (layer, module), (rank, first_a, first_b) in spans.items():
+        desc = torch.zeros(num_layers, MODULES, DESC_FIELDS, dtype=torch.int64)
+        scales = torch.zeros(num_layers, MODULES, dtype=torch.float64)
+        for (layer, module), (rank, first_a, first_b, first_g) in spans.items():
             m = MODULE_INDEX[module]
             desc[layer, m, :3] = torch.tensor([rank, base + first_a * item, base + first_b * item])
-            scales[layer, m] = table.modules[(layer, module)].scale
+            mat = table.modules[(layer, module)]
+            desc[layer, m, 4:] = torch.tensor([base + first_g * item if first_g >= 0 else 0, mat.out_features,
+                                               int(mat.replace)])
+            scales[layer, m] = mat.scale
         desc[:, :, 3] = scales.view(torch.int64)
         self.desc = desc
 
@@ -78,8 +87,8 @@ def write_adapter_rows(arena: torch.Tensor, page_elems: int,
     item, limit = arena.element_size(), arena.numel()
     keep, dsts, srcs, lens = [], [], [], []
     for rows, pages in matrices:
-        num_rows, row_len = rows.shape
-        src = rows.to(arena.dtype).contiguous()
+        src = to_stored(rows, page_elems).to(arena.dtype).contiguous()
+        num_rows, row_len = src.shape
         keep.append(src)
         offsets = _row_offsets(pages, num_rows, row_len, page_elems)
         if num_rows and (min(pages) < 0 or offsets[-1] + row_len > limit):
@@ -93,33 +102,48 @@ def write_adapter_rows(arena: torch.Tensor, page_elems: int,
                       torch.get_num_threads())
 
 
-class NativeStep(LoraStep):
-    """One step's descriptors ``[num_layers, num_segments, len(LORA_MODULES), DESC_FIELDS]`` and segments."""
+class _Rows:
+    """One set of a step's rows (its tokens, or its sample rows): segments and stacked descriptors
+    ``[num_layers, num_segments, len(KERNEL_MODULES), DESC_FIELDS]``."""
 
-    def __init__(self, backend: NativeLoraBackend, seg_starts: tuple[int, ...],
-                 rows: list[AdapterRows | None]) -> None:
-        none = torch.zeros(backend.layout.num_layers, len(LORA_MODULES), DESC_FIELDS, dtype=torch.int64)
-        self.backend = backend
+    def __init__(self, num_layers: int, seg_starts: tuple[int, ...], rows: list[AdapterRows | None]) -> None:
+        none = torch.zeros(num_layers, MODULES, DESC_FIELDS, dtype=torch.int64)
         self.keep = rows  # the row tables the descriptors point into stay alive with the step
         self.desc = torch.stack([none if r is None else r.desc for r in rows], dim=1).contiguous()
         self.seg_starts = torch.tensor(seg_starts, dtype=torch.int64)
         self.num_segments = len(rows)
         self.num_tokens = seg_starts[-1]
+        self.model_modules = set().union(*(r.model_modules for r in rows if r is not None))
+
+
+class NativeStep(LoraStep):
+    """One step's rows: its tokens' segments and, for the lm_head group, its sample rows'."""
+
+    def __init__(self, backend: NativeLoraBackend, tokens: _Rows, samples: _Rows | None) -> None:
+        self.backend = backend
+        self.tokens = tokens
+        self.samples = samples
 
     def apply(self, layer: int, group: LoraGroup, x: torch.Tensor, y: torch.Tensor) -> None:
-        """``y[t, cols_m] += scale * (x[t] @ A_m.T) @ B_m.T`` for each module of the group, every token."""
+        """``y[t, cols_m] += scale * (x[t] @ A_m.T) @ B_m.T`` for each module of the group, every token
+        (DoRA modules: then scaled by g; a gather group: ``x`` holds int32 token ids)."""
+        rows = self.samples if group.kind == SAMPLES else self.tokens
+        if rows is None or (group.modules[0] in MODEL_MODULES and group.modules[0] not in rows.model_modules):
+            return
         arena, lib = self.backend.arena, self.backend.lib
-        if x.dtype != arena.dtype or y.dtype != arena.dtype or x.stride(1) != 1 or y.stride(1) != 1:
-            raise ValueError("x and y need the arena's dtype and unit column stride")
-        if x.shape[0] != self.num_tokens or y.shape[0] != x.shape[0]:
-            raise ValueError(f"x and y must have {self.num_tokens} rows")
+        gather = group.kind == GATHER
+        x_ok = x.dtype == torch.int32 and x.dim() == 1 if gather else x.dtype == arena.dtype
+        if not x_ok or y.dtype != arena.dtype or x.stride(-1) != 1 or y.stride(1) != 1:
+            raise ValueError("x and y need the arena's dtype (token ids: int32) and unit column stride")
+        if x.shape[0] != rows.num_tokens or y.shape[0] != x.shape[0]:
+            raise ValueError(f"x and y must have {rows.num_tokens} rows")
         mods, cols, wid = self.backend.group_arrays(group)
-        per_layer = self.num_segments * len(LORA_MODULES) * DESC_FIELDS * 8
+        per_layer = rows.num_segments * MODULES * DESC_FIELDS * 8
         rc = lib.lora_group(int(arena.dtype == torch.bfloat16), arena.data_ptr(), x.data_ptr(), x.stride(0),
-                            y.data_ptr(), y.stride(0), x.shape[1], self.num_segments,
-                            self.seg_starts.data_ptr(), self.desc.data_ptr() + layer * per_layer,
-                            len(LORA_MODULES), len(group.modules), mods.data_ptr(), cols.data_ptr(),
-                            wid.data_ptr(), torch.get_num_threads())
+                            y.data_ptr(), y.stride(0), group.in_features, rows.num_segments,
+                            rows.seg_starts.data_ptr(), rows.desc.data_ptr() + layer * per_layer,
+                            MODULES, len(group.modules), mods.data_ptr(), cols.data_ptr(),
+                            wid.data_ptr(), torch.get_num_threads(), int(gather), arena.shape[1])
         if rc != 0:
             raise MemoryError("CPU LoRA kernel: out of memory for its work buffers")
 
@@ -163,9 +187,12 @@ class NativeLoraBackend(LoraBackend):
         return hit
 
     def prepare_step(self, segments: LoraSegments, adapters: Sequence[AdapterPageTable],
-                     pack: StepPack) -> LoraStep:
-        rows = [None if slot < 0 else self.adapter_rows(adapters[slot]) for slot in segments.seg_slots]
-        return NativeStep(self, segments.seg_starts, rows)
+                     pack: StepPack, samples: LoraSegments | None = None) -> LoraStep:
+        def rows(seg: LoraSegments) -> _Rows:
+            tables = [None if slot < 0 else self.adapter_rows(adapters[slot]) for slot in seg.seg_slots]
+            return _Rows(self.layout.num_layers, seg.seg_starts, tables)
+
+        return NativeStep(self, rows(segments), None if samples is None else rows(samples))
 
     def __contains__(self, uid: int) -> bool:
         return uid in self._rows

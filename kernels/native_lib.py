@@ -94,7 +94,7 @@ def library() -> ctypes.CDLL | None:
                 fn.restype = ctypes.c_int
                 p, i64 = ctypes.c_void_p, ctypes.c_int64
                 fn.argtypes = [ctypes.c_int, p, p, i64, p, i64, i64, i64, p, p, i64, i64, p, p, p,
-                               ctypes.c_int]
+                               ctypes.c_int, ctypes.c_int, i64]
                 lib.copy_rows.restype = None
                 lib.copy_rows.argtypes = [p, i64, p, p, p, ctypes.c_int]
                 _lib = lib

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from kernels.lora_pages import pack_pages
+from server.page_layout import stored_shape
 
 
 class PageWriter:
@@ -39,7 +40,8 @@ class PageWriter:
     def write(self, uid: int, matrices: Sequence[tuple[torch.Tensor, tuple[int, ...]]]) -> None:
         """Copy each ``rows [r, row_len]`` into its ``pages`` (layout: server/page_layout.py)."""
         arena = self.arena
-        num_pages = sum(-(-rows.shape[0] // max(1, self.page_elems // rows.shape[1])) for rows, _ in matrices)
+        num_pages = sum(-(-n // (self.page_elems // length))
+                        for n, length in (stored_shape(*rows.shape, self.page_elems) for rows, _ in matrices))
         data_bytes = num_pages * self.page_elems * arena.element_size()
         # Zeroed, so a page's tail past its rows is finite: the pages become KV blocks again later,
         # and the reference attention reads whole blocks (masking, not skipping, unused slots).

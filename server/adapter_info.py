@@ -1,28 +1,66 @@
-"""AdapterInfo for the API: what an adapter is and where it lives now. Plain Python."""
+"""AdapterInfo for the API: what an adapter is, its parts and sizes, where it lives now. Plain Python."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
+from server.adapter_residency import AdapterSpec
 from server.adapters import AdapterRef
-from server.engine_types import AdapterInfo
+from server.engine_types import AdapterInfo, AdapterPart
+from server.model_config import KERNEL_MODULES, MODEL_MODULES
+from server.page_layout import PageLayout
 
 
-def describe(ref: AdapterRef, on_device: bool, on_host: bool) -> AdapterInfo:
+def describe(ref: AdapterRef, on_device: bool, on_host: bool, layout: PageLayout,
+             itemsize: int) -> AdapterInfo:
+    """``layout`` and ``itemsize`` (bytes per element of the serving dtype) size the parts."""
     cfg = _config(ref)
     targets = cfg.get("target_modules") or ()
     if isinstance(targets, str):
         targets = (targets,)
     ranks = [int(cfg.get("r", 8)), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())]
+    parts: tuple[AdapterPart, ...] = ()
     if ref.spec is not None:
         ranks = [m.rank for m in ref.spec.modules.values()]
         targets = sorted({name for _, name in ref.spec.modules})
+        parts = adapter_parts(ref.spec, layout, itemsize)
     return AdapterInfo(
         adapter_id=ref.adapter_id, uid=ref.uid, rank=max(ranks), alpha=float(cfg.get("lora_alpha", 8)),
         target_modules=tuple(targets), size_bytes=ref.meta.size_bytes, checksum=ref.meta.checksum,
         location="device" if on_device else "host" if on_host else "disk",
         requests_served=ref.requests_served, created=ref.meta.created_at,
+        use_dora=bool(cfg.get("use_dora")), parts=parts, pool_bytes=sum(p.pool_bytes for p in parts),
     )
+
+
+@dataclass
+class _Sum:
+    modules: list[str] = field(default_factory=list)
+    rank: int = 0
+    elems: int = 0
+    pages: int = 0
+
+    def add(self, module: str, rank: int, elems: int, pages: int) -> None:
+        if module not in self.modules:
+            self.modules.append(module)
+        self.rank, self.elems, self.pages = max(self.rank, rank), self.elems + elems, self.pages + pages
+
+
+def adapter_parts(spec: AdapterSpec, layout: PageLayout, itemsize: int) -> tuple[AdapterPart, ...]:
+    """The adapter's weights by part (see ``AdapterPart``), in that order; parts it lacks are left out."""
+    sums: dict[str, _Sum] = {}
+    in_order = sorted(spec.modules.items(), key=lambda kv: (KERNEL_MODULES.index(kv[0][1]), kv[0][0]))
+    for (_, module), m in in_order:
+        pages = m.pages(layout)
+        (a_rows, a_len), (b_rows, b_len), *dora = m.matrices
+        part = sums.setdefault(module if module in MODEL_MODULES else "layers", _Sum())
+        part.add(module, m.rank, a_rows * a_len + b_rows * b_len, pages[0] + pages[1])
+        if dora:
+            sums.setdefault("dora_scale", _Sum()).add(module, 0, dora[0][0] * dora[0][1], pages[2])
+    page_bytes = layout.page_elems * itemsize
+    return tuple(AdapterPart(name, tuple(p.modules), p.rank, p.elems * itemsize, p.pages * page_bytes)
+                 for name in ("layers", *MODEL_MODULES, "dora_scale") if (p := sums.get(name)) is not None)
 
 
 def _config(ref: AdapterRef) -> dict:

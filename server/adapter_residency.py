@@ -24,6 +24,18 @@ class ModuleSpec:
     scale: float
     in_features: int
     out_features: int
+    dora: bool = False  # one more matrix: the DoRA scale, one row of out_features
+    a_transposed: bool = False  # embed_tokens: A stored as in_features rows of rank
+    replace: bool = False  # a full copy of the module (its output replaces the base's)
+
+    @property
+    def matrices(self) -> tuple[tuple[int, int], ...]:
+        """``(rows, row length)`` of each matrix in pages: A (or A.T), B^T, and DoRA's scale."""
+        a = (self.in_features, self.rank) if self.a_transposed else (self.rank, self.in_features)
+        return (a, (self.rank, self.out_features), *(((1, self.out_features),) if self.dora else ()))
+
+    def pages(self, layout: PageLayout) -> tuple[int, ...]:
+        return tuple(layout.pages_for_rows(rows, length) for rows, length in self.matrices)
 
 
 @dataclass(frozen=True)
@@ -35,10 +47,13 @@ class AdapterSpec:
     modules: dict[tuple[int, str], ModuleSpec]
 
     def pages_needed(self, layout: PageLayout) -> int:
-        return sum(
-            layout.pages_for_rows(m.rank, m.in_features) + layout.pages_for_rows(m.rank, m.out_features)
-            for m in self.modules.values()
-        )
+        return sum(sum(m.pages(layout)) for m in self.modules.values())
+
+    def vocab(self, base: int) -> int:
+        """Token ids its requests may use: more than the base's ``base`` if its embedding is a full
+        copy with added tokens (embed_tokens is keyed ``(0, "embed_tokens")``)."""
+        embed = self.modules.get((0, "embed_tokens"))
+        return max(base, embed.in_features) if embed is not None else base
 
 
 class AdapterResidency:
@@ -99,11 +114,11 @@ class AdapterResidency:
         modules = {}
         for key in sorted(spec.modules):
             m = spec.modules[key]
-            a = self.layout.pages_for_rows(m.rank, m.in_features)
-            b = self.layout.pages_for_rows(m.rank, m.out_features)
+            a, b, *g = (tuple(next(pages) for _ in range(n)) for n in m.pages(self.layout))
             modules[key] = LoraMatrixPages(
                 rank=m.rank, scale=m.scale, in_features=m.in_features, out_features=m.out_features,
-                a_pages=tuple(next(pages) for _ in range(a)), b_pages=tuple(next(pages) for _ in range(b)),
+                a_pages=a, b_pages=b, g_pages=g[0] if g else (), a_transposed=m.a_transposed,
+                replace=m.replace,
             )
         table = AdapterPageTable(uid=spec.uid, modules=modules)
         self._resident[spec.uid] = table

@@ -26,6 +26,7 @@ watcher calls ``sync``.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import threading
 import time
@@ -38,14 +39,32 @@ import torch
 
 from adapter_store.host_cache import HostCache
 from adapter_store.integrity import IntegrityError, verify_version
-from adapter_store.peft_format import WEIGHTS_NAME, LoraWeights, ParsedAdapter, load_peft_adapter
+from adapter_store.peft_embeddings import saved_vocab
+from adapter_store.peft_format import (
+    CONFIG_NAME,
+    TOKENIZER_FILES,
+    WEIGHTS_NAME,
+    LoraWeights,
+    ParsedAdapter,
+    load_peft_adapter,
+    parse_adapter_config,
+)
 from adapter_store.refs import RefKey, StoredAdapterMeta, Tombstone, is_valid_adapter_id
 from adapter_store.store import AdapterStore
 from server.adapter_failures import FailureCounts, LoadFailure, TooLargeHere, failure_after
+from server.adapter_prep import copy_shape, prepare_for_base
 from server.adapter_residency import AdapterSpec, ModuleSpec
-from server.errors import AdapterTooLarge, AdapterUnavailable, UnknownAdapter
-from server.model_config import ModelConfig
+from server.dora import BaseWeights
+from server.errors import (
+    AdapterIncompatible,
+    AdapterTooLarge,
+    AdapterUnavailable,
+    InvalidAdapter,
+    UnknownAdapter,
+)
+from server.model_config import EMBED, MODEL_LAYER, ModelConfig
 from server.page_layout import PageLayout
+from server.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +84,11 @@ class AdapterRef:
 
 class AdapterManager:
     def __init__(self, store: AdapterStore, model: ModelConfig, layout: PageLayout, num_pages: int,
-                 host_cache_bytes: int, max_rank: int, dtype: torch.dtype,
+                 host_cache_bytes: int, max_rank: int, dtype: torch.dtype, base: BaseWeights,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.model = model
+        self.base = base  # DoRA's weight norms and the check of embedding copies (server/dora.py)
         self.layout = layout
         self.num_pages = num_pages
         self.max_rank = max_rank
@@ -84,6 +104,7 @@ class AdapterManager:
         # can't leave its uid behind (which would block every later load of it)
         self._loading: set[int] = set()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
+        self._tokenizers: dict[int, Tokenizer | None] = {}  # uid -> the adapter's own tokenizer
         # Called (on the loader thread) when an adapter reaches host memory, so an engine loop
         # that is idling on requests waiting for it can wake at once.
         self.on_loaded: Callable[[], None] = lambda: None
@@ -115,23 +136,30 @@ class AdapterManager:
                 return self._by_name.get(adapter_id)
             return self._apply(adapter_id, *(found or (None, None)))
 
-    def _apply(self, adapter_id: str, key: RefKey | None,
-               record: StoredAdapterMeta | Tombstone | None) -> AdapterRef | None:
+    def _apply(self, adapter_id: str, key: RefKey | None, record: StoredAdapterMeta | Tombstone | None,
+               parsed: ParsedAdapter | None = None) -> AdapterRef | None:
+        """Under ``_sync_lock`` (the only writer of ``_by_name``). A new registration gets its shape
+        before it is visible: from ``parsed`` if the weights were just read, else from its config."""
+        live = record if isinstance(record, StoredAdapterMeta) else None
+        ref = None
+        current = self._by_name.get(adapter_id)
+        if live is not None and (current is None or current.meta != live):
+            ref = AdapterRef(adapter_id, next(self._uids), self.store.version_path(live.version), live)
+            # file reads (config, header) outside _lock: the engine thread never waits on them
+            ref.spec = self._spec(ref.uid, adapter_id, parsed) if parsed else self._config_spec(ref)
         with self._lock:
             if key is None:
                 self._seen.pop(adapter_id, None)
             else:
                 self._seen[adapter_id] = key
             current = self._by_name.get(adapter_id)
-            live = record if isinstance(record, StoredAdapterMeta) else None
             if current is not None and current.meta == live:
                 return current
             if current is not None:
                 del self._by_name[adapter_id]
                 self._retire(current)
-            if live is None:
+            if ref is None:
                 return None
-            ref = AdapterRef(adapter_id, next(self._uids), self.store.version_path(live.version), live)
             self._by_name[adapter_id] = ref
             self._by_uid[ref.uid] = ref
             return ref
@@ -145,15 +173,16 @@ class AdapterManager:
     def add(self, adapter_id: str, source: Mapping[str, bytes] | Path, replace: bool = False) -> AdapterRef:
         """Validate against the base model and the pool, store atomically, register with a new uid."""
         with self.store.stage(adapter_id, source, replace=replace) as staged:
-            parsed = load_peft_adapter(staged.path, self.model, self.max_rank, self.dtype)
-            too_large = self._too_large(parsed, self._spec(0, adapter_id, parsed))
+            parsed = self._parse(staged.path)
+            spec = self._spec(0, adapter_id, parsed)
+            _check_tokenizer(staged.path, spec.vocab(self.model.vocab_size), self.model)
+            too_large = self._too_large(parsed, spec)
             if too_large:
                 raise AdapterTooLarge(f"adapter {adapter_id!r} {too_large}")
             with self._sync_lock:
                 key, meta = self.store.commit(staged, replace=replace)
-                ref = self._apply(adapter_id, key, meta)
+                ref = self._apply(adapter_id, key, meta, parsed)
                 assert ref is not None
-                ref.spec = self._spec(ref.uid, adapter_id, parsed)
                 self.host.put(ref.uid, parsed)
         return ref
 
@@ -178,6 +207,7 @@ class AdapterManager:
 
     def _drop(self, ref: AdapterRef) -> None:
         self._by_uid.pop(ref.uid, None)
+        self._tokenizers.pop(ref.uid, None)
         self.host.pop(ref.uid)
         self.retired.append(ref.uid)
 
@@ -193,6 +223,15 @@ class AdapterManager:
         if ref is None:
             raise UnknownAdapter(adapter_id, known=self.names())
         return ref
+
+    def tokenizer(self, ref: AdapterRef) -> Tokenizer | None:
+        """The tokenizer saved with the adapter (added tokens, its own chat template), or None if it
+        has none; read once per uid. Any thread."""
+        if ref.uid not in self._tokenizers:
+            has = (ref.path / TOKENIZER_FILES[0]).is_file()
+            eos = self.model.eos_token_ids
+            self._tokenizers[ref.uid] = Tokenizer.from_dir(str(ref.path), eos) if has else None
+        return self._tokenizers[ref.uid]
 
     def acquire(self, adapter_id: str) -> AdapterRef:
         """Resolve and count a request in: the request is bound to this registration's version."""
@@ -308,8 +347,7 @@ class AdapterManager:
 
     def _read(self, ref: AdapterRef) -> ParsedAdapter:
         digests = verify_version(ref.path)
-        return load_peft_adapter(ref.path, self.model, self.max_rank, self.dtype,
-                                 checksum=digests[WEIGHTS_NAME])
+        return self._parse(ref.path, checksum=digests[WEIGHTS_NAME])
 
     def _too_large(self, parsed: ParsedAdapter, spec: AdapterSpec) -> str | None:
         """Why this server can never hold the adapter (None: it can). Host memory must hold it whole:
@@ -321,12 +359,57 @@ class AdapterManager:
         if pages > self.num_pages:
             return f"needs {pages} pages of the pool; the pool has {self.num_pages}"
         return None
+    def _parse(self, path: Path, checksum: str | None = None) -> ParsedAdapter:
+        """Parse a PEFT dir and make it ready for this base model (DoRA scales computed)."""
+        parsed = load_peft_adapter(path, self.model, self.max_rank, self.dtype, checksum=checksum)
+        return prepare_for_base(parsed, self.base)
+
+    def _config_spec(self, ref: AdapterRef) -> AdapterSpec | None:
+        """The adapter's shape from its config (and its weights file's header for the vocabulary of
+        full copies), no weights read: for listing adapters still on disk and checking their
+        requests' token ids. The exact shape replaces it once the weights are read (it differs only
+        if PEFT's saved base embedding/head is not the base model's). None if unreadable."""
+        try:
+            config = parse_adapter_config(json.loads((ref.path / CONFIG_NAME).read_text()))
+            targets = config.resolve(self.model)
+            copies = {name: saved_vocab(ref.path / WEIGHTS_NAME, name) for name in config.copies(self.model)}
+        except (OSError, ValueError, InvalidAdapter, AdapterIncompatible):
+            return None
+        shapes = self.model.lora_shapes()
+        modules = {key: ModuleSpec(rank, config.scale_for(rank, alpha), *shapes[key[1]], dora=config.use_dora,
+                                   a_transposed=key[1] == EMBED)
+                   for key, (rank, alpha) in targets.items()}
+        for name, vocab in copies.items():
+            rank, k, n = copy_shape(name, vocab or self.model.vocab_size, self.model.hidden_size)
+            modules[(MODEL_LAYER, name)] = ModuleSpec(rank, 1.0, k, n, a_transposed=name == EMBED,
+                                                      replace=True)
+        return AdapterSpec(uid=ref.uid, name=ref.adapter_id, modules=modules)
 
     def _spec(self, uid: int, name: str, parsed: ParsedAdapter) -> AdapterSpec:
-        shapes = self.model.linear_shapes()
         return AdapterSpec(uid=uid, name=name, modules={
-            key: ModuleSpec(w.rank, w.scale, *shapes[key[1]]) for key, w in parsed.weights.items()
+            key: ModuleSpec(w.rank, w.scale, w.a.shape[1], w.b.shape[0], dora=w.magnitude is not None,
+                            a_transposed=key[1] == EMBED, replace=w.replace)
+            for key, w in parsed.weights.items()
         })
 
     def shutdown(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+def _check_tokenizer(path: Path, vocab: int, model: ModelConfig) -> None:
+    """An uploaded tokenizer must load (a fast tokenizer: ``tokenizer.json``) and fit the adapter's
+    vocabulary: every id it makes must be one the adapter's embedding has."""
+    names = {n for n in TOKENIZER_FILES if (path / n).is_file()}
+    if not names:
+        return
+    if TOKENIZER_FILES[0] not in names:
+        raise InvalidAdapter(f"tokenizer files {sorted(names)} without {TOKENIZER_FILES[0]}: an adapter's "
+                             "tokenizer must be a fast tokenizer (save_pretrained)", param="file")
+    try:
+        size = Tokenizer.from_dir(str(path), model.eos_token_ids).vocab_size
+    except Exception as exc:  # transformers raises many types for a bad tokenizer
+        raise InvalidAdapter(f"the adapter's tokenizer cannot be loaded: {exc}", param="file") from exc
+    if size > vocab:
+        raise AdapterIncompatible(f"the adapter's tokenizer has {size} tokens but its embedding has {vocab} "
+                                  "rows (the base model's, unless modules_to_save holds a larger embedding)",
+                                  param="file")

@@ -32,6 +32,22 @@ class RequestOutput:
 
 
 @dataclass(frozen=True)
+class AdapterPart:
+    """One part of an adapter's weights as the pool holds them.
+
+    ``name``: ``"layers"`` (LoRA on the layers' linear modules), ``"embed_tokens"``, ``"lm_head"``
+    (LoRA on the embedding / the LM head) or ``"dora_scale"`` (DoRA's per-output scales of every
+    DoRA module). ``bytes``: its weights in the serving dtype; ``pool_bytes``: the pages they take.
+    """
+
+    name: str
+    modules: tuple[str, ...]
+    rank: int  # the largest rank over its modules (0 for dora_scale)
+    bytes: int
+    pool_bytes: int
+
+
+@dataclass(frozen=True)
 class AdapterInfo:
     adapter_id: str
     uid: int  # unique per upload; a re-added name gets a new uid
@@ -43,6 +59,9 @@ class AdapterInfo:
     location: AdapterLocation
     requests_served: int
     created: float
+    use_dora: bool = False
+    parts: tuple[AdapterPart, ...] = ()  # empty if the adapter's config cannot be read
+    pool_bytes: int = 0  # pages it takes in the pool when resident (all parts)
 
 
 @dataclass(frozen=True)

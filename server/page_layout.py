@@ -9,6 +9,13 @@ holds either
   rows of length ``in_features``; ``B`` is stored transposed, as ``r`` rows of length
   ``out_features``. A page holds ``page_elems // row_len`` rows; row ``j`` lives in page
   ``pages[j // rows_per_page]`` at element offset ``(j % rows_per_page) * row_len``.
+  Two model-wide sites differ: embed_tokens' ``A`` is stored transposed (``in_features`` = vocab
+  rows of ``r``: a token's shrink is a lookup of its row), and a DoRA module has one more matrix,
+  its per-output scale ``g`` (one row of ``out_features``).
+
+A row longer than a page (lm_head's ``B^T`` and ``g``: rows of vocab length) is cut into
+page-long pieces: stored row ``c * rows + j`` holds columns ``c * page_elems ...`` of row ``j``
+(piece-major), so a reader of columns ``n`` finds them in piece ``n // page_elems`` (``stored_shape``).
 
 Why this page size: under grouped-query attention one token's K vector (``kv_heads * head_dim``,
 192 for SmolLM2) is far narrower than the hidden size (576), so sizing pages as "one token"
@@ -45,6 +52,7 @@ class PageLayout:
         return rpp
 
     def pages_for_rows(self, rows: int, row_len: int) -> int:
+        rows, row_len = stored_shape(rows, row_len, self.page_elems)
         rpp = self.rows_per_page(row_len)
         return -(-rows // rpp)
 
@@ -65,6 +73,14 @@ class PageLayout:
         )
 
 
+def stored_shape(rows: int, row_len: int, page_elems: int) -> tuple[int, int]:
+    """``(rows, row length)`` of a ``[rows, row_len]`` matrix as stored in pages: itself, or, if a row
+    is longer than a page, ``rows * pieces`` rows of ``page_elems`` (piece-major, zero-padded)."""
+    if row_len <= page_elems:
+        return rows, row_len
+    return rows * -(-row_len // page_elems), page_elems
+
+
 @dataclass(frozen=True)
 class LoraMatrixPages:
     """Where one (adapter, layer, module)'s LoRA weights live in the arena."""
@@ -73,8 +89,20 @@ class LoraMatrixPages:
     scale: float  # lora_alpha / rank, or lora_alpha / sqrt(rank) for rsLoRA
     in_features: int
     out_features: int
-    a_pages: tuple[int, ...]  # A: `rank` rows of `in_features`
+    a_pages: tuple[int, ...]  # A: `rank` rows of `in_features` (A.T if `a_transposed`)
     b_pages: tuple[int, ...]  # B transposed: `rank` rows of `out_features`
+    g_pages: tuple[int, ...] = ()  # DoRA: the scale g = m / ||W0 + s B A|| (one row); () for plain LoRA
+    a_transposed: bool = False  # embed_tokens: A stored as `in_features` rows of `rank`
+    replace: bool = False  # a full copy of the module (modules_to_save): its output replaces the base's
+
+    @property
+    def a_shape(self) -> tuple[int, int]:
+        """``(rows, row length)`` of ``A`` as written (before cutting long rows)."""
+        return (self.in_features, self.rank) if self.a_transposed else (self.rank, self.in_features)
+
+    @property
+    def dora(self) -> bool:
+        return bool(self.g_pages)
 
 
 @dataclass(frozen=True)
@@ -85,4 +113,4 @@ class AdapterPageTable:
     modules: dict[tuple[int, str], LoraMatrixPages]  # (layer, module name) -> pages
 
     def all_pages(self) -> list[int]:
-        return [p for m in self.modules.values() for p in (*m.a_pages, *m.b_pages)]
+        return [p for m in self.modules.values() for p in (*m.a_pages, *m.b_pages, *m.g_pages)]

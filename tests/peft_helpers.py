@@ -14,15 +14,19 @@ from tests.engine_helpers import hf_greedy
 def build_adapters(base: torch.nn.Module, configs: dict[str, LoraConfig], out_dir: Path,
                    std: float, seed: int = 0) -> tuple[dict[str, PeftModel], dict[str, Path]]:
     """One PEFT model per config, each on its own copy of ``base`` (left untouched), with a random
-    ``lora_B`` (PEFT initializes it to zero); each saved as a PEFT dir ``out_dir / name``."""
+    ``lora_B`` (PEFT initializes it to zero), random embedding factors (PEFT zeroes
+    ``lora_embedding_A``) and DoRA magnitudes moved off their initial ``||W0 + s B A||`` by up to
+    ~30% (so that DoRA's scale is not 1); each saved as a PEFT dir ``out_dir / name``."""
     torch.manual_seed(seed)
     models, paths = {}, {}
     for name, cfg in configs.items():
         model = get_peft_model(copy.deepcopy(base), cfg)
         with torch.no_grad():
             for pname, param in model.named_parameters():
-                if "lora_B" in pname:
+                if "lora_B" in pname or "lora_embedding_" in pname:
                     torch.nn.init.normal_(param, std=std)
+                elif "lora_magnitude_vector" in pname:
+                    param.mul_(1 + 0.3 * torch.rand_like(param) - 0.15)
         model.save_pretrained(out_dir / name)
         models[name] = model.eval()
         paths[name] = out_dir / name

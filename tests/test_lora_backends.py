@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_cases import GROUPS, LAYOUT, PageAlloc, dense_group, model_adapters
+from lora_cases import LAYOUT, PageAlloc, dense_group, group_cases, group_input, model_adapters
 
 from adapter_store.peft_format import LoraWeights
 from kernels.backend import select_lora_backend
@@ -44,8 +44,10 @@ def make_backend(name: str, arena: torch.Tensor):
 
 
 def run_step(backend, seg_starts, seg_slots, adapters):
+    """A step whose sample rows (the lm_head group's) are all its rows: same segments."""
     pack = StepPack()
-    step = backend.prepare_step(LoraSegments(tuple(seg_starts), tuple(seg_slots)), adapters, pack)
+    segments = LoraSegments(tuple(seg_starts), tuple(seg_slots))
+    step = backend.prepare_step(segments, adapters, pack, segments)
     step.bind(StepBuffer(backend.arena.device).upload(pack))
     return step
 
@@ -62,19 +64,18 @@ def test_backend_matches_dense(name: str, dtype: torch.dtype, segments: str) -> 
     backend = make_backend(name, arena)
     step = run_step(backend, seg_starts, seg_slots, adapters)
     t = seg_starts[-1]
-    for layer in (0, 1):
-        for group in GROUPS:
-            x = torch.randn(t, group.in_features, generator=gen).to(dtype)
-            fused = torch.randn(t, group.out_features + 8, generator=gen).to(dtype)
-            before = fused.clone()
-            y = fused[:, : group.out_features]  # rows out_features + 8 apart, as in a fused output
-            expected = dense_group(x, y, seg_starts, seg_slots, dense, layer, group)
-            y_dev = y.to(DEVICE) if DEVICE != "cpu" else y
-            step.apply(layer, group, x.to(DEVICE), y_dev)
-            torch.testing.assert_close(y_dev.double().cpu(), expected, **TOL[dtype])
-            assert torch.equal(fused[:, group.out_features :], before[:, group.out_features :])
-            if layer == 0 and group.name == "qkv":
-                assert not torch.equal(y.cpu(), before[:, : group.out_features])  # the case adds something
+    for layer, group in group_cases():  # DoRA modules, an embed_tokens gather, lm_head rows in pieces
+        x = group_input(group, t, dtype, gen)
+        fused = torch.randn(t, group.out_features + 8, generator=gen).to(dtype)
+        before = fused.clone()
+        y = fused[:, : group.out_features]  # rows out_features + 8 apart, as in a fused output
+        expected = dense_group(x, y, seg_starts, seg_slots, dense, layer, group)
+        y_dev = y.to(DEVICE) if DEVICE != "cpu" else y
+        step.apply(layer, group, x.to(DEVICE), y_dev)
+        torch.testing.assert_close(y_dev.double().cpu(), expected, **TOL[dtype])
+        assert torch.equal(fused[:, group.out_features :], before[:, group.out_features :])
+        if layer == 0:
+            assert not torch.equal(y.cpu(), before[:, : group.out_features]), group.name  # adds something
 
 
 def _weights(table: AdapterPageTable, dtype: torch.dtype, seed: int) -> dict[tuple[int, str], LoraWeights]:

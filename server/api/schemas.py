@@ -207,6 +207,16 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class AdapterPartCard(BaseModel):
+    name: Literal["layers", "embed_tokens", "lm_head", "dora_scale"] = Field(
+        ..., description="layers: LoRA on the layers' linear modules; embed_tokens / lm_head: LoRA on the "
+        "embedding / the LM head; dora_scale: DoRA's per-output scales of every DoRA module.")
+    modules: list[str]
+    rank: int = Field(..., description="Largest rank over the part's modules (0 for dora_scale).")
+    bytes: int = Field(..., description="The part's weights in the serving dtype.")
+    pool_bytes: int = Field(..., description="Pool pages the part takes when resident, in bytes.")
+
+
 class AdapterCard(BaseModel):
     id: str = Field(..., description="The id the caller uses: a tenant's own adapters unqualified, "
                     "`tenant:name` for a global key.")
@@ -222,6 +232,10 @@ class AdapterCard(BaseModel):
     location: Literal["disk", "host", "device"] = Field(..., description="Where the weights are now.")
     requests_served: int
     created: int
+    use_dora: bool = Field(False, description="DoRA: each module's output is scaled by m / ||W0 + s B A||.")
+    parts: list[AdapterPartCard] = Field(default_factory=list,
+                                         description="The adapter's weights by part, with their sizes.")
+    pool_bytes: int = Field(0, description="Pool pages the adapter takes when resident, in bytes.")
 
 
 class AdapterList(BaseModel):

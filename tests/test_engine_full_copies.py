@@ -1,0 +1,132 @@
+"""Full copies of embed_tokens / lm_head (``modules_to_save``, added tokens) in mixed batches, vs PEFT.
+
+An adapter trained after ``resize_token_embeddings`` (8 added tokens) carries a whole embedding and
+head of 308 rows; the server's base model keeps its 300. Requests of that adapter may use and
+produce the added ids; requests of the base and of other adapters in the same steps see the base
+vocabulary. Also: an adapter whose saved base embedding differs from the base's (PEFT loads it) is
+served with that embedding plus its LoRA; a tied base with a copy of the embedding only.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from kernels.native_lib import available as native_available
+from server.config import EngineConfig
+from server.engine import LLMEngine
+from server.errors import InvalidRequest
+from server.sampling_params import SamplingParams
+from tests.engine_helpers import engine_logits, hf_greedy, run_all, tiny_llama_dir
+from tests.peft_helpers import build_adapters
+
+VOCAB, ADDED, N = 300, 8, 8
+PROMPTS = {"copy_a": [5, 9, 300, 3], "copy_b": [307, 20, 21, 22, 23, 24], "base": [5, 9, 3],
+           "lora": list(range(10, 30)), "changed": [7, 7, 8, 299]}
+BACKENDS = [
+    pytest.param("torch", id="torch"),
+    pytest.param("native", id="native",
+                 marks=pytest.mark.skipif(not native_available(), reason="no C kernel")),
+    pytest.param("triton", id="triton", marks=pytest.mark.slow),
+]
+
+
+def _resized_copy_adapter(base, out):
+    """PEFT on the base resized by ADDED tokens, q_proj LoRA + full copies of embed_tokens and
+    lm_head, "trained": copies perturbed, the added tokens' head rows made likely."""
+    torch.manual_seed(3)
+    resized = copy.deepcopy(base)
+    resized.resize_token_embeddings(VOCAB + ADDED)
+    model = get_peft_model(resized, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                               modules_to_save=["embed_tokens", "lm_head"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.3)
+            elif "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.05)
+                if "lm_head" in name:
+                    param[VOCAB:] *= 4.0
+    model.save_pretrained(out)
+    return model.eval()
+
+
+def _changed_base_layer_adapter(base, out, build):
+    """LoRA on embed_tokens whose saved base embedding differs from the base's; PEFT loads it."""
+    _, paths = build(base, {"changed": LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"])}, out,
+                     std=0.3)
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    tensors = load_file(paths["changed"] / "adapter_model.safetensors")
+    noise = torch.randn(tensors[key].shape, generator=torch.Generator().manual_seed(5))
+    tensors[key] = tensors[key] + 0.1 * noise
+    save_file(tensors, paths["changed"] / "adapter_model.safetensors", metadata={"format": "pt"})
+    return PeftModel.from_pretrained(copy.deepcopy(base), paths["changed"]).eval(), paths["changed"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, smollm2_tokenizer_dir):
+    tmp = tmp_path_factory.mktemp("full_copies")
+    model_dir, base = tiny_llama_dir(tmp / "model", smollm2_tokenizer_dir, vocab_size=VOCAB,
+                                     num_hidden_layers=2)
+    peft = {"copy": _resized_copy_adapter(base, tmp / "copy")}
+    config = LoraConfig(r=8, lora_alpha=8, target_modules=["v_proj"])
+    lora, lora_paths = build_adapters(base, {"lora": config}, tmp / "lora", std=0.3)
+    peft["lora"] = lora["lora"]
+    peft["changed"], changed_dir = _changed_base_layer_adapter(base, tmp / "changed", build_adapters)
+    paths = {"copy": tmp / "copy", "lora": lora_paths["lora"], "changed": changed_dir}
+    return tmp, model_dir, base, peft, paths
+
+
+def _engine(setup, backend, store):
+    _, model_dir, _, _, paths = setup
+    engine = LLMEngine(EngineConfig(model=str(model_dir), pool_bytes=8 * 2**20, block_size=4,
+                                    max_num_batched_tokens=16, lora_backend=backend,
+                                    kernel_backend="triton" if backend == "triton" else None,
+                                    adapter_store_dir=str(store)))
+    for name, path in paths.items():
+        engine.add_adapter(name, path)
+    return engine
+
+
+ADAPTER_OF = {"copy_a": "copy", "copy_b": "copy", "base": None, "lora": "lora", "changed": "changed"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_copies_with_added_tokens_in_a_mixed_batch(setup, backend, tmp_path):
+    _, _, base, peft, _ = setup
+    engine = _engine(setup, backend, tmp_path)
+    got = run_all(engine, PROMPTS, SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, logprobs=2),
+                  ADAPTER_OF)
+    for rid, prompt in PROMPTS.items():
+        adapter = ADAPTER_OF[rid]
+        assert got[rid] == hf_greedy(base if adapter is None else peft[adapter], prompt, N)[0], rid
+    assert any(t >= VOCAB for rid in ("copy_a", "copy_b") for t in got[rid])  # added tokens are generated
+    assert all(t < VOCAB for rid in ("base", "lora", "changed") for t in got[rid])
+    assert engine.pool.used("kv") == 0
+
+
+def test_logits_and_vocabulary_per_adapter(setup, tmp_path):
+    _, _, base, peft, _ = setup
+    engine = _engine(setup, "native" if native_available() else "torch", tmp_path)
+    logits = engine_logits(engine, PROMPTS["copy_b"], "copy")
+    assert logits.shape == (VOCAB + ADDED,)
+    torch.testing.assert_close(logits, hf_greedy(peft["copy"], PROMPTS["copy_b"], 1)[1], atol=1e-3, rtol=0)
+    torch.testing.assert_close(engine_logits(engine, PROMPTS["changed"], "changed"),
+                               hf_greedy(peft["changed"], PROMPTS["changed"], 1)[1], atol=1e-3, rtol=0)
+    base_logits = engine_logits(engine, PROMPTS["base"], None)
+    torch.testing.assert_close(base_logits, hf_greedy(base, PROMPTS["base"], 1)[1], atol=1e-3, rtol=0)
+    params = SamplingParams(max_tokens=2, temperature=0)
+    for adapter in (None, "lora"):
+        with pytest.raises(InvalidRequest, match=rf"\[0, {VOCAB}\)"):
+            engine.add_request([5, VOCAB], params, adapter)
+    with pytest.raises(InvalidRequest, match=rf"\[0, {VOCAB + ADDED}\)"):
+        engine.add_request([5, VOCAB + ADDED], params, "copy")
+    info = engine.get_adapter("copy")
+    parts = {p.name: p for p in info.parts}
+    # copies: the embedding 308 rows of 64 (+ a 64 x 64 identity), the head likewise; fp32
+    assert parts["embed_tokens"].bytes == parts["lm_head"].bytes == 4 * 64 * (VOCAB + ADDED + 64)
+    assert parts["embed_tokens"].modules == ("embed_tokens",) and parts["layers"].modules == ("q_proj",)
