@@ -7,7 +7,8 @@
   ``A.T = E'`` and ``B = I`` (a row lookup, then the identity), a copy ``W'`` of the head is the
   lm_head site with ``A = I`` and ``B = W'``. When PEFT's saved base layer goes with LoRA on the same
   module the two are one module of rank ``hidden + r``: ``[E' | s A.T] @ [I ; B.T]`` and
-  ``[W' | s B] @ [I ; A]``. A base layer bit for bit the base model's own is dropped. The identity
+  ``[W' | s B] @ [I ; A]``. A base layer bit for bit the base model's own is dropped (on a tied
+  base a changed one changes both modules, as PEFT's loading does). The identity
   costs ``hidden^2`` elements (1.3 MB in fp32 for SmolLM2) beside the copy's ``vocab x hidden``.
 """
 
@@ -21,7 +22,7 @@ from adapter_store.peft_format import LoraWeights, ParsedAdapter
 from adapter_store.peft_keys import BASE_LAYER, tensor_key
 from server.dora import BaseWeights, dora_scale
 from server.errors import InvalidAdapter
-from server.model_config import EMBED, MODEL_LAYER
+from server.model_config import EMBED, LM_HEAD, MODEL_LAYER
 
 
 def prepare_for_base(parsed: ParsedAdapter, base: BaseWeights) -> ParsedAdapter:
@@ -29,11 +30,9 @@ def prepare_for_base(parsed: ParsedAdapter, base: BaseWeights) -> ParsedAdapter:
     weights = {key: w if w.magnitude is None else dataclasses.replace(
                    w, dora_scale=dora_scale(base, *key, w.a, w.b, w.scale, w.magnitude))
                for key, w in parsed.weights.items()}
-    for name, weight in parsed.base_layers.items():
-        if weight.shape[0] == base.config.vocab_size and base.same_as_base(name, weight):
-            continue
-        lora = weights[(MODEL_LAYER, name)]
-        if lora.magnitude is not None:
+    for name, weight in _changed_base_layers(parsed, base).items():
+        lora = weights.get((MODEL_LAYER, name))
+        if lora is not None and lora.magnitude is not None:
             raise InvalidAdapter(f"DoRA on {name} over a base weight other than the base model's "
                                  f"({tensor_key(MODEL_LAYER, name, BASE_LAYER)}) is not supported",
                                  param="use_dora")
@@ -41,6 +40,20 @@ def prepare_for_base(parsed: ParsedAdapter, base: BaseWeights) -> ParsedAdapter:
     for name, weight in parsed.copies.items():
         weights[(MODEL_LAYER, name)] = full_copy(name, weight, None)
     return dataclasses.replace(parsed, weights=weights, base_layers={}, copies={})
+
+
+def _changed_base_layers(parsed: ParsedAdapter, base: BaseWeights) -> dict[str, torch.Tensor]:
+    """The saved base layers that are not the base model's own, by module. PEFT loads them into the
+    base model; when the base ties its head to its embedding, loading one changes both, so the other
+    module (if PEFT saved no base layer of its own for it) gets the same weight."""
+    changed = {name: w for name, w in parsed.base_layers.items()
+               if w.shape[0] != base.config.vocab_size or not base.same_as_base(name, w)}
+    if base.config.tie_word_embeddings:
+        for name, weight in list(changed.items()):
+            partner = LM_HEAD if name == EMBED else EMBED
+            if partner not in parsed.base_layers:
+                changed[partner] = weight
+    return changed
 
 
 def full_copy(name: str, weight: torch.Tensor, lora: LoraWeights | None) -> LoraWeights:

@@ -16,8 +16,10 @@ Computing the norm needs ``W0``, but on CPU the base Linear layers keep only one
 weights. Instead of a second copy of the model, ``BaseWeights`` keeps each module's row norms
 ``||w_i||^2`` (taken at load, before prepacking; ~0.6 MB for SmolLM2) and expands
 ``||w_i + s b_i A||^2 = ||w_i||^2 + 2 s b_i (A w_i) + s^2 b_i (A A^T) b_i^T``, where ``A w_i`` are
-the columns of ``A @ W0.T``: the base layer applied to ``A``'s rows (a rank-row forward). All of
-it in float64; ``g`` is stored as float32.
+the columns of ``A @ W0.T``: the base layer applied to ``A``'s rows (a rank-row forward). The
+sum is taken in float64 (the base's norms in float32, like PEFT's own fp32 computation); ``g`` is
+stored as float32 in an fp32 pool, rounded to the pool's dtype otherwise (PEFT's bf16 forward
+rounds it too). It runs where adapters are parsed (the loader thread, or the upload's).
 """
 
 from __future__ import annotations

@@ -130,3 +130,20 @@ def test_logits_and_vocabulary_per_adapter(setup, tmp_path):
     # copies: the embedding 308 rows of 64 (+ a 64 x 64 identity), the head likewise; fp32
     assert parts["embed_tokens"].bytes == parts["lm_head"].bytes == 4 * 64 * (VOCAB + ADDED + 64)
     assert parts["embed_tokens"].modules == ("embed_tokens",) and parts["layers"].modules == ("q_proj",)
+
+
+def test_changed_embedding_of_a_tied_base_changes_the_head_too(tmp_path, smollm2_tokenizer_dir):
+    """PEFT loads a saved base embedding into a tied model's one shared weight: its head changes too."""
+    model_dir, base = tiny_llama_dir(tmp_path / "model", smollm2_tokenizer_dir, vocab_size=VOCAB,
+                                     num_hidden_layers=2, tie_word_embeddings=True)
+    peft, path = _changed_base_layer_adapter(base, tmp_path / "adapters", build_adapters)
+    engine = LLMEngine(EngineConfig(model=str(model_dir), pool_bytes=8 * 2**20, block_size=4,
+                                    adapter_store_dir=str(tmp_path / "store")))
+    engine.add_adapter("changed", path)
+    assert {p.name for p in engine.get_adapter("changed").parts} == {"embed_tokens", "lm_head"}
+    prompt = PROMPTS["changed"]
+    torch.testing.assert_close(engine_logits(engine, prompt, "changed"), hf_greedy(peft, prompt, 1)[1],
+                               atol=1e-3, rtol=0)
+    got = run_all(engine, {"x": prompt}, SamplingParams(max_tokens=N, temperature=0, ignore_eos=True),
+                  {"x": "changed"})
+    assert got["x"] == hf_greedy(peft, prompt, N)[0]
