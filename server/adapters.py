@@ -42,7 +42,6 @@ from adapter_store.integrity import IntegrityError, verify_version
 from adapter_store.peft_embeddings import saved_vocab
 from adapter_store.peft_format import (
     CONFIG_NAME,
-    TOKENIZER_FILES,
     WEIGHTS_NAME,
     LoraWeights,
     ParsedAdapter,
@@ -54,6 +53,7 @@ from adapter_store.store import AdapterStore
 from server.adapter_failures import FailureCounts, LoadFailure, TooLargeHere, failure_after
 from server.adapter_prep import copy_shape, prepare_for_base
 from server.adapter_residency import AdapterSpec, ModuleSpec
+from server.adapter_tokenizers import AdapterTokenizers
 from server.dora import BaseWeights
 from server.errors import (
     AdapterIncompatible,
@@ -104,7 +104,7 @@ class AdapterManager:
         # can't leave its uid behind (which would block every later load of it)
         self._loading: set[int] = set()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
-        self._tokenizers: dict[int, Tokenizer | None] = {}  # uid -> the adapter's own tokenizer
+        self.tokenizers = AdapterTokenizers(model)
         # Called (on the loader thread) when an adapter reaches host memory, so an engine loop
         # that is idling on requests waiting for it can wake at once.
         self.on_loaded: Callable[[], None] = lambda: None
@@ -175,7 +175,7 @@ class AdapterManager:
         with self.store.stage(adapter_id, source, replace=replace) as staged:
             parsed = self._parse(staged.path)
             spec = self._spec(0, adapter_id, parsed)
-            _check_tokenizer(staged.path, spec.vocab(self.model.vocab_size), self.model)
+            self.tokenizers.check(staged.path, spec.vocab(self.model.vocab_size))
             too_large = self._too_large(parsed, spec)
             if too_large:
                 raise AdapterTooLarge(f"adapter {adapter_id!r} {too_large}")
@@ -207,7 +207,7 @@ class AdapterManager:
 
     def _drop(self, ref: AdapterRef) -> None:
         self._by_uid.pop(ref.uid, None)
-        self._tokenizers.pop(ref.uid, None)
+        self.tokenizers.drop(ref.uid)
         self.host.pop(ref.uid)
         self.retired.append(ref.uid)
 
@@ -225,13 +225,8 @@ class AdapterManager:
         return ref
 
     def tokenizer(self, ref: AdapterRef) -> Tokenizer | None:
-        """The tokenizer saved with the adapter (added tokens, its own chat template), or None if it
-        has none; read once per uid. Any thread."""
-        if ref.uid not in self._tokenizers:
-            has = (ref.path / TOKENIZER_FILES[0]).is_file()
-            eos = self.model.eos_token_ids
-            self._tokenizers[ref.uid] = Tokenizer.from_dir(str(ref.path), eos) if has else None
-        return self._tokenizers[ref.uid]
+        """The tokenizer saved with the adapter, or None if it has none (server/adapter_tokenizers.py)."""
+        return self.tokenizers.get(ref.uid, ref.adapter_id, ref.path)
 
     def acquire(self, adapter_id: str) -> AdapterRef:
         """Resolve and count a request in: the request is bound to this registration's version."""
@@ -395,21 +390,3 @@ class AdapterManager:
     def shutdown(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
 
-
-def _check_tokenizer(path: Path, vocab: int, model: ModelConfig) -> None:
-    """An uploaded tokenizer must load (a fast tokenizer: ``tokenizer.json``) and fit the adapter's
-    vocabulary: every id it makes must be one the adapter's embedding has."""
-    names = {n for n in TOKENIZER_FILES if (path / n).is_file()}
-    if not names:
-        return
-    if TOKENIZER_FILES[0] not in names:
-        raise InvalidAdapter(f"tokenizer files {sorted(names)} without {TOKENIZER_FILES[0]}: an adapter's "
-                             "tokenizer must be a fast tokenizer (save_pretrained)", param="file")
-    try:
-        size = Tokenizer.from_dir(str(path), model.eos_token_ids).vocab_size
-    except Exception as exc:  # transformers raises many types for a bad tokenizer
-        raise InvalidAdapter(f"the adapter's tokenizer cannot be loaded: {exc}", param="file") from exc
-    if size > vocab:
-        raise AdapterIncompatible(f"the adapter's tokenizer has {size} tokens but its embedding has {vocab} "
-                                  "rows (the base model's, unless modules_to_save holds a larger embedding)",
-                                  param="file")
