@@ -2,7 +2,7 @@
 
 import pytest
 
-from server.adapter_residency import AdapterResidency
+from server.adapter_residency import AdapterResidency, AdapterSpec, ModuleSpec
 from server.errors import AdapterTooLarge
 from server.pool import OutOfPages, PagePool
 from tests.sched_helpers import LAYOUT, FakeDisk, make_request, make_scheduler, run_step
@@ -139,3 +139,22 @@ def test_adapter_waits_for_pages_held_by_running_work():
     s.update(out, {"kv": 3})  # kv finishes: its pages return
     out = s.schedule()
     assert [t.uid for t in out.adapter_loads] == [1] and [c.request_id for c in out.chunks] == ["lora"]
+
+
+def test_dora_scales_embedding_rows_and_long_rows_get_their_pages():
+    """16-element pages. A DoRA q_proj (8 -> 8, rank 4): A 2 pages, B^T 2, its scale row 1. The
+    embedding (vocab 40 -> 8, rank 2, A stored as 40 rows of 2: 8 a page): 5 + 1. lm_head (8 -> 40,
+    rank 3): A 2 pages; B^T rows of 40 cut into 3 pieces of 16: 9 rows, one a page."""
+    spec = AdapterSpec(7, "a", {
+        (0, "q_proj"): ModuleSpec(4, 1.0, 8, 8, dora=True),
+        (0, "embed_tokens"): ModuleSpec(2, 1.0, 40, 8, a_transposed=True),
+        (0, "lm_head"): ModuleSpec(3, 1.0, 8, 40),
+    })
+    assert spec.pages_needed(LAYOUT) == 5 + 6 + 11
+    assert spec.vocab(32) == 40 and AdapterSpec(8, "b", {}).vocab(32) == 32
+    table = AdapterResidency(PagePool(30), LAYOUT).load(spec)
+    emb, head, q = (table.modules[(0, m)] for m in ("embed_tokens", "lm_head", "q_proj"))
+    assert (emb.a_pages, emb.b_pages, emb.g_pages, emb.a_transposed) == ((0, 1, 2, 3, 4), (5,), (), True)
+    assert (head.a_pages, head.b_pages) == ((6, 7), tuple(range(8, 17)))
+    assert (q.a_pages, q.b_pages, q.g_pages, q.dora) == ((17, 18), (19, 20), (21,), True)
+    assert sorted(table.all_pages()) == list(range(22))
