@@ -41,6 +41,17 @@ def tiny_model_config(tiny_llama_config):
     return ModelConfig.from_hf_dict(tiny_llama_config.to_dict())
 
 
+@pytest.fixture(scope="session")
+def tiny_base_weights(tiny_llama_config, tiny_model_config):
+    """server.dora.BaseWeights of a random tiny Llama: what an AdapterManager needs of its base."""
+    from transformers import LlamaForCausalLM
+
+    from tests.peft_helpers import base_weights
+
+    torch.manual_seed(0)
+    return base_weights(LlamaForCausalLM(tiny_llama_config), tiny_model_config)
+
+
 @pytest.fixture
 def make_peft_adapter(tiny_llama_config, tmp_path):
     """Factory: ``make(name, dtype=..., seed=..., **LoraConfig kwargs) -> (dir, peft_model)``.

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from server.dora import BaseWeights, weight_name
+from server.model_config import EMBED, ModelConfig
 from tests.engine_helpers import hf_greedy
 
 
@@ -37,3 +39,17 @@ def peft_greedy(models: dict[str, PeftModel], base: torch.nn.Module, adapter: st
                 prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens and last-prompt-position logits with one adapter (None: the base model)."""
     return hf_greedy(base if adapter is None else models[adapter], prompt, n)
+
+
+def base_weights(model: torch.nn.Module, config: ModelConfig) -> BaseWeights:
+    """Our BaseWeights over a Hugging Face model's weights (a PEFT model's frozen base), with plain
+    matmuls for ``a @ W0.T``."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    state = base.state_dict()
+    weights = {k.replace(".base_layer", ""): v.detach() for k, v in state.items() if "lora_" not in k}
+
+    def product(layer: int, module: str, a: torch.Tensor) -> torch.Tensor:
+        w = weights[weight_name(layer, module)]
+        return a @ w if module == EMBED else a @ w.T
+
+    return BaseWeights(config, weights, product, head_kept=True)

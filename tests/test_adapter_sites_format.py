@@ -9,9 +9,10 @@ from safetensors.torch import load_file, save_file
 
 from adapter_store.peft_format import WEIGHTS_NAME, load_peft_adapter
 from server.adapter_prep import prepare_for_base
-from server.dora import BaseWeights, weight_name
+from server.dora import weight_name
 from server.errors import AdapterIncompatible, InvalidAdapter
 from server.model_config import MODEL_LAYER
+from tests.peft_helpers import base_weights
 
 SITES = ["q_proj", "down_proj", "embed_tokens", "lm_head"]
 EMB = "base_model.model.model.embed_tokens"
@@ -21,18 +22,6 @@ def edit_tensors(path, fn) -> None:
     tensors = load_file(path / WEIGHTS_NAME)
     fn(tensors)
     save_file(tensors, path / WEIGHTS_NAME, metadata={"format": "pt"})
-
-
-def base_weights(peft_model, config) -> BaseWeights:
-    """Our BaseWeights over the PEFT model's frozen base, with plain matmuls for ``a @ W0.T``."""
-    state = peft_model.get_base_model().state_dict()
-    weights = {k.replace(".base_layer", ""): v.detach() for k, v in state.items() if "lora_" not in k}
-
-    def product(layer: int, module: str, a: torch.Tensor) -> torch.Tensor:
-        w = weights[weight_name(layer, module)]
-        return a @ w if module == "embed_tokens" else a @ w.T
-
-    return BaseWeights(config, weights, product, head_kept=True)
 
 
 def peft_dora_scales(peft_model) -> dict[str, torch.Tensor]:
