@@ -21,7 +21,7 @@ from server.config import EngineConfig
 from server.engine import LLMEngine
 from server.errors import InvalidRequest
 from server.sampling_params import SamplingParams
-from tests.engine_helpers import engine_logits, hf_greedy, run_all, tiny_llama_dir
+from tests.engine_helpers import engine_logits, hf_greedy, run_all, run_all_logits, tiny_llama_dir
 from tests.peft_helpers import build_adapters
 
 VOCAB, ADDED, N = 300, 8, 8
@@ -97,28 +97,31 @@ ADAPTER_OF = {"copy_a": "copy", "copy_b": "copy", "base": None, "lora": "lora", 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_full_copies_with_added_tokens_in_a_mixed_batch(setup, backend, tmp_path):
+    """Tokens identical to PEFT and logits within 1e-3, each request in the same steps as the
+    others; a step's logits are as wide as its widest adapter vocabulary, -inf past a request's own."""
     _, _, base, peft, _ = setup
     engine = _engine(setup, backend, tmp_path)
-    got = run_all(engine, PROMPTS, SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, logprobs=2),
-                  ADAPTER_OF)
+    params = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, logprobs=2)
+    got, logits, steps = run_all_logits(engine, PROMPTS, params, ADAPTER_OF)
     for rid, prompt in PROMPTS.items():
         adapter = ADAPTER_OF[rid]
-        assert got[rid] == hf_greedy(base if adapter is None else peft[adapter], prompt, N)[0], rid
+        want_tokens, want_logits = hf_greedy(base if adapter is None else peft[adapter], prompt, N)
+        assert got[rid] == want_tokens, rid
+        width = len(want_logits)
+        torch.testing.assert_close(logits[rid][:width], want_logits, atol=1e-3, rtol=0, msg=rid)
+        assert bool((logits[rid][width:] == float("-inf")).all()), rid
+    assert any({"copy", "lora", None} <= {ADAPTER_OF[rid] for rid in step} for step in steps)
     assert any(t >= VOCAB for rid in ("copy_a", "copy_b") for t in got[rid])  # added tokens are generated
     assert all(t < VOCAB for rid in ("base", "lora", "changed") for t in got[rid])
     assert engine.pool.used("kv") == 0
 
 
-def test_logits_and_vocabulary_per_adapter(setup, tmp_path):
-    _, _, base, peft, _ = setup
+def test_vocabulary_and_sizes_per_adapter(setup, tmp_path):
+    _, _, _, peft, _ = setup
     engine = _engine(setup, "native" if native_available() else "torch", tmp_path)
-    logits = engine_logits(engine, PROMPTS["copy_b"], "copy")
+    logits = engine_logits(engine, PROMPTS["copy_b"], "copy")  # alone: as wide as the adapter's vocabulary
     assert logits.shape == (VOCAB + ADDED,)
     torch.testing.assert_close(logits, hf_greedy(peft["copy"], PROMPTS["copy_b"], 1)[1], atol=1e-3, rtol=0)
-    torch.testing.assert_close(engine_logits(engine, PROMPTS["changed"], "changed"),
-                               hf_greedy(peft["changed"], PROMPTS["changed"], 1)[1], atol=1e-3, rtol=0)
-    base_logits = engine_logits(engine, PROMPTS["base"], None)
-    torch.testing.assert_close(base_logits, hf_greedy(base, PROMPTS["base"], 1)[1], atol=1e-3, rtol=0)
     params = SamplingParams(max_tokens=2, temperature=0)
     for adapter in (None, "lora"):
         with pytest.raises(InvalidRequest, match=rf"\[0, {VOCAB}\)"):
