@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from adapter_store.peft_keys import BASE_LAYER, COPY, tensor_key
+from adapter_store.peft_keys import BASE_LAYER, COPY, WEIGHTS_NAME, tensor_key
 from adapter_store.safetensors_header import TensorEntry, read_header
 from server.errors import AdapterIncompatible, InvalidAdapter
 from server.model_config import MODEL_LAYER, MODEL_MODULES, ModelConfig
@@ -35,12 +35,14 @@ def adapter_vocab(found: Found, model: ModelConfig) -> int:
             if len(t.shape) != 2 or t.shape[1] != model.hidden_size or t.shape[0] < model.vocab_size:
                 raise AdapterIncompatible(
                     f"tensor {key} has shape {list(t.shape)}; expected [vocab, {model.hidden_size}] with "
-                    f"vocab at least the base model's {model.vocab_size}")
+                    f"vocab at least the base model's {model.vocab_size}", param=WEIGHTS_NAME)
             if t.dtype not in _FLOAT_DTYPES:
-                raise InvalidAdapter(f"tensor {key} has dtype {t.dtype}; expected F32, F16 or BF16")
+                raise InvalidAdapter(f"tensor {key} has dtype {t.dtype}; expected F32, F16 or BF16",
+                                     param=WEIGHTS_NAME)
             sizes[key] = t.shape[0]
     if len(set(sizes.values())) > 1:
-        raise AdapterIncompatible(f"the adapter's embedding/head weights disagree on the vocabulary: {sizes}")
+        raise AdapterIncompatible(f"the adapter's embedding/head weights disagree on the vocabulary: {sizes}",
+                                  param=WEIGHTS_NAME)
     return next(iter(sizes.values()), model.vocab_size)
 
 
@@ -56,7 +58,7 @@ def check_base_layers_and_copies(found: Found, copies: tuple[str, ...]) -> None:
         parts = found.get((MODEL_LAYER, name), {})
         if BASE_LAYER in parts and "A" not in parts:
             raise InvalidAdapter(f"tensor {tensor_key(MODEL_LAYER, name, BASE_LAYER)} belongs to no LoRA "
-                                 "module of the adapter")
+                                 "module of the adapter", param=WEIGHTS_NAME)
         key = tensor_key(MODEL_LAYER, name, COPY)
         if COPY in parts and name not in copies:
             raise InvalidAdapter(f"tensor {key} is a full copy of {name} but adapter_config's "

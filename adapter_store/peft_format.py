@@ -26,7 +26,17 @@ import torch
 from adapter_store.fsio import sha256_file
 from adapter_store.peft_config import LoraConfigInfo, parse_adapter_config, with_targets
 from adapter_store.peft_embeddings import adapter_vocab, check_base_layers_and_copies, with_vocab
-from adapter_store.peft_keys import BASE_LAYER, COPY, MAGNITUDE, A, B, parse_key, site, tensor_key
+from adapter_store.peft_keys import (
+    BASE_LAYER,
+    COPY,
+    MAGNITUDE,
+    WEIGHTS_NAME,
+    A,
+    B,
+    parse_key,
+    site,
+    tensor_key,
+)
 from adapter_store.safetensors_header import TensorEntry, read_header
 from server.errors import AdapterIncompatible, InvalidAdapter
 from server.model_config import MODEL_LAYER, ModelConfig
@@ -46,7 +56,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 # An adapter's own tokenizer (saved beside it when tokens were added): a fast tokenizer's files.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
@@ -119,9 +128,9 @@ def check_adapter_files(names: set[str]) -> None:
                 f"pickled weights ({', '.join(pickles)}) are not accepted because loading them can run "
                 f"arbitrary code; save the adapter with safetensors ({WEIGHTS_NAME})"
             )
-        raise InvalidAdapter(f"{WEIGHTS_NAME} is missing")
+        raise InvalidAdapter(f"{WEIGHTS_NAME} is missing", param=WEIGHTS_NAME)
     if CONFIG_NAME not in names:
-        raise InvalidAdapter(f"{CONFIG_NAME} is missing")
+        raise InvalidAdapter(f"{CONFIG_NAME} is missing", param=CONFIG_NAME)
 
 
 def load_peft_adapter(
@@ -193,9 +202,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
-        raise InvalidAdapter(f"{CONFIG_NAME} is not UTF-8 text: {exc}") from exc
+        raise InvalidAdapter(f"{CONFIG_NAME} is not UTF-8 text: {exc}", param=CONFIG_NAME) from exc
     except json.JSONDecodeError as exc:
-        raise InvalidAdapter(f"{CONFIG_NAME} is not valid JSON: {exc}") from exc
+        raise InvalidAdapter(f"{CONFIG_NAME} is not valid JSON: {exc}", param=CONFIG_NAME) from exc
 
 
 def _read_tensor(f: Any, e: TensorEntry, layer: int, name: str, side: str,
@@ -230,7 +239,8 @@ def _group_entries(entries: dict[str, TensorEntry], num_layers: int) -> Found:
         layer, name, part = parse_key(key, num_layers)
         slot = found.setdefault((layer, name), {})
         if part in slot:
-            raise InvalidAdapter(f"duplicate tensor for {part} of {site(layer, name)} ({key!r})")
+            raise InvalidAdapter(f"duplicate tensor for {part} of {site(layer, name)} ({key!r})",
+                                 param=WEIGHTS_NAME)
         slot[part] = entry
     return found
 
@@ -239,7 +249,7 @@ def _ab(layer: int, name: str, parts: dict[str, TensorEntry]) -> tuple[TensorEnt
     for side in (A, B):
         if side not in parts:
             key = _key(layer, name, side)
-            raise InvalidAdapter(f"{site(layer, name)} has no lora_{side} tensor ({key})")
+            raise InvalidAdapter(f"{site(layer, name)} has no lora_{side} tensor ({key})", param=WEIGHTS_NAME)
     return parts[A], parts[B]
 
 
@@ -261,14 +271,14 @@ def _check_coverage(present: set[tuple[int, str]], targeted: set[tuple[int, str]
         layer, name = missing[0]
         raise InvalidAdapter(
             f"adapter_config targets {site(layer, name)} but {WEIGHTS_NAME} has no weights for it "
-            f"({len(missing)} targeted module(s) missing, e.g. {_key(layer, name, 'A')})"
+            f"({len(missing)} targeted module(s) missing, e.g. {_key(layer, name, 'A')})", param=WEIGHTS_NAME
         )
     stray = sorted(present - targeted)
     if stray:
         layer, name = stray[0]
         raise InvalidAdapter(
             f"{WEIGHTS_NAME} has weights for {site(layer, name)} that adapter_config does not "
-            f"target ({len(stray)} such module(s))"
+            f"target ({len(stray)} such module(s))", param="target_modules"
         )
 
 

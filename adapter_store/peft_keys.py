@@ -22,6 +22,7 @@ from adapter_store.peft_config import MODEL_KEYS, MODULE_PARENTS
 from server.errors import AdapterIncompatible, InvalidAdapter
 from server.model_config import EMBED, MODEL_LAYER
 
+WEIGHTS_NAME = "adapter_model.safetensors"  # the file; its refusals name it as their field
 # The parts of one module's tensors.
 A, B, MAGNITUDE, BASE_LAYER, COPY = "A", "B", "magnitude", "base_layer", "copy"
 
@@ -57,18 +58,21 @@ def parse_key(key: str, num_layers: int) -> tuple[int, str, str]:
     """``(layer, module name, part)`` of one tensor name; raises naming what is wrong with it."""
     m = _KEY_RE.match(key)
     if m is None:
-        raise InvalidAdapter(f"unexpected tensor {key!r} in the weights file (not a LoRA weight)")
+        raise InvalidAdapter(f"unexpected tensor {key!r} in {WEIGHTS_NAME} (not a LoRA weight)",
+                             param=WEIGHTS_NAME)
     module, param = m.group("module"), m.group("param")
     if module in _MODEL_MODULES:
         layer, name = MODEL_LAYER, _MODEL_MODULES[module]
     else:
         mm = _LAYER_RE.match(module)
         if mm is None or MODULE_PARENTS.get(mm.group("name")) != mm.group("parent"):
-            raise AdapterIncompatible(f"tensor {key!r}: the base model has no module {module!r}")
+            raise AdapterIncompatible(f"tensor {key!r}: the base model has no module {module!r}",
+                                      param=WEIGHTS_NAME)
         layer, name = int(mm.group("layer")), mm.group("name")
         if layer >= num_layers:
             raise AdapterIncompatible(
-                f"tensor {key!r} is for layer {layer} but the base model has {num_layers} layers")
+                f"tensor {key!r} is for layer {layer} but the base model has {num_layers} layers",
+                param=WEIGHTS_NAME)
     return layer, name, _part(key, name, param)
 
 
@@ -78,10 +82,11 @@ def _part(key: str, name: str, param: str) -> str:
     if param == "base_layer.weight" or param.endswith("weight") and not param.startswith("lora_"):
         if name not in MODEL_KEYS:
             raise InvalidAdapter(f"unexpected tensor {key!r}: only embed_tokens/lm_head have a base layer "
-                                 "or a full copy (modules_to_save) in an adapter")
+                                 "or a full copy (modules_to_save) in an adapter", param=WEIGHTS_NAME)
         return BASE_LAYER if param == "base_layer.weight" else COPY
     embedding = param.startswith("lora_embedding_")
     if embedding != (name == EMBED) or embedding == param.endswith(".weight"):
         want = "lora_embedding_A/B" if name == EMBED else "lora_A.weight/lora_B.weight"
-        raise InvalidAdapter(f"tensor {key!r}: PEFT names the LoRA weights of {name} {want}")
+        raise InvalidAdapter(f"tensor {key!r}: PEFT names the LoRA weights of {name} {want}",
+                             param=WEIGHTS_NAME)
     return param[len("lora_embedding_") if embedding else len("lora_")]

@@ -49,15 +49,16 @@ class AdapterTokenizers:
         if TOKENIZER_FILES[0] not in names:
             message = (f"tokenizer files {sorted(names)} without {TOKENIZER_FILES[0]}: an adapter's "
                        "tokenizer must be a fast tokenizer (save_pretrained)")
-            raise InvalidAdapter(message, param="file")
+            raise InvalidAdapter(message, param=TOKENIZER_FILES[0])
         try:
             size = self._load(path).vocab_size
         except Exception as exc:  # transformers raises many types for a bad tokenizer
-            raise InvalidAdapter(f"the adapter's tokenizer cannot be loaded: {exc}", param="file") from exc
+            raise InvalidAdapter(f"the adapter's tokenizer cannot be loaded: {exc}",
+                                 param=TOKENIZER_FILES[0]) from exc
         if size > vocab:
             raise AdapterIncompatible(
                 f"the adapter's tokenizer has {size} tokens but its embedding has {vocab} rows (the base "
-                "model's, unless modules_to_save holds a larger embedding)", param="file")
+                "model's, unless modules_to_save holds a larger embedding)", param=TOKENIZER_FILES[0])
 
     def _load(self, path: Path) -> Tokenizer:
         return Tokenizer.from_dir(str(path), self.eos_ids)

@@ -98,28 +98,34 @@ def _put(key: str, value: torch.Tensor):
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
-@pytest.mark.parametrize(("edit", "error", "words"), [
-    pytest.param(lambda t: t.pop(f"{EMB}.lora_embedding_B"), InvalidAdapter,
+W = WEIGHTS_NAME
+
+
+@pytest.mark.parametrize(("edit", "error", "param", "words"), [
+    pytest.param(lambda t: t.pop(f"{EMB}.lora_embedding_B"), InvalidAdapter, W,
                  ["embed_tokens has no lora_B", "lora_embedding_B"], id="missing-B"),
     pytest.param(lambda t: t.__setitem__(f"{EMB}.lora_A.weight", t.pop(f"{EMB}.lora_embedding_A")),
-                 InvalidAdapter, ["lora_embedding_A/B"], id="linear-names"),
-    pytest.param(_put(f"{EMB}.base_layer.weight", torch.zeros(130, 64)), AdapterIncompatible,
+                 InvalidAdapter, W, ["lora_embedding_A/B"], id="linear-names"),
+    pytest.param(_put(f"{EMB}.base_layer.weight", torch.zeros(130, 64)), AdapterIncompatible, W,
                  ["embed_tokens", "lora_A [r, 130]", "[4, 128]"], id="resized-vocab-but-not-the-lora"),
-    pytest.param(_put(f"{EMB}.base_layer.weight", torch.zeros(100, 64)), AdapterIncompatible,
+    pytest.param(_put(f"{EMB}.base_layer.weight", torch.zeros(100, 64)), AdapterIncompatible, W,
                  ["base_layer.weight", "[100, 64]", "at least the base model's 128"], id="smaller-vocab"),
-    pytest.param(_put(f"{EMB}.lora_magnitude_vector", torch.ones(64)), InvalidAdapter,
+    pytest.param(_put(f"{EMB}.lora_magnitude_vector", torch.ones(64)), InvalidAdapter, "use_dora",
                  ["lora_magnitude_vector", "use_dora=false"], id="magnitude-without-dora"),
-    pytest.param(_put(f"{Q}.base_layer.weight", torch.zeros(64, 64)), InvalidAdapter,
+    pytest.param(_put(f"{Q}.base_layer.weight", torch.zeros(64, 64)), InvalidAdapter, W,
                  ["only embed_tokens/lm_head"], id="base-layer-of-q"),
-    pytest.param(_put(f"{EMB}.weight", torch.zeros(128, 64)), InvalidAdapter,
+    pytest.param(_put(f"{EMB}.weight", torch.zeros(128, 64)), InvalidAdapter, "modules_to_save",
                  ["model.embed_tokens.weight", "full copy", "modules_to_save does not name it"],
                  id="copy-not-in-modules_to_save"),
 ])
-def test_refusals_name_the_tensor(make_peft_adapter, tiny_model_config, edit, error, words):
+def test_refusals_name_the_tensor(make_peft_adapter, tiny_model_config, edit, error, param, words):
+    """Each refusal's message names the tensor, its ``param`` the field (the weights file or the
+    config field) an API client gets in ``error.param``."""
     path, _ = make_peft_adapter(r=4, target_modules=["embed_tokens", "q_proj"])
     edit_tensors(path, edit)
     with pytest.raises(error) as info:
         load_peft_adapter(path, tiny_model_config)
+    assert info.value.param == param
     for word in words:
         assert word in str(info.value), f"{word!r} not in {info.value}"
 
