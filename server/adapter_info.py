@@ -13,24 +13,30 @@ from server.page_layout import PageLayout
 
 
 def describe(ref: AdapterRef, on_device: bool, on_host: bool, layout: PageLayout,
-             itemsize: int) -> AdapterInfo:
-    """``layout`` and ``itemsize`` (bytes per element of the serving dtype) size the parts."""
+             itemsize: int, base_vocab: int) -> AdapterInfo:
+    """``layout`` and ``itemsize`` (bytes per element of the serving dtype) size the parts;
+    ``base_vocab``: the base model's vocabulary (an adapter's own is larger with added tokens)."""
     cfg = _config(ref)
     targets = cfg.get("target_modules") or ()
     if isinstance(targets, str):
         targets = (targets,)
     ranks = [int(cfg.get("r", 8)), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())]
     parts: tuple[AdapterPart, ...] = ()
-    if ref.spec is not None:
-        ranks = [m.rank for m in ref.spec.modules.values()]
-        targets = sorted({name for _, name in ref.spec.modules})
+    vocab = base_vocab
+    if ref.spec is not None:  # the LoRA targets and ranks, not those of full copies (see parts)
+        copies = {str(e).rsplit(".", 1)[-1] for e in cfg.get("modules_to_save") or ()}
+        lora = [(name, m) for (_, name), m in ref.spec.modules.items() if not (m.replace and name in copies)]
+        ranks = [m.rank for _, m in lora if not m.replace] or ranks
+        targets = sorted({name for name, _ in lora})
         parts = adapter_parts(ref.spec, layout, itemsize)
+        vocab = ref.spec.vocab(base_vocab)
     return AdapterInfo(
         adapter_id=ref.adapter_id, uid=ref.uid, rank=max(ranks), alpha=float(cfg.get("lora_alpha", 8)),
         target_modules=tuple(targets), size_bytes=ref.meta.size_bytes, checksum=ref.meta.checksum,
         location="device" if on_device else "host" if on_host else "disk",
         requests_served=ref.requests_served, created=ref.meta.created_at,
         use_dora=bool(cfg.get("use_dora")), parts=parts, pool_bytes=sum(p.pool_bytes for p in parts),
+        vocab_size=vocab,
     )
 
 
@@ -40,11 +46,13 @@ class _Sum:
     rank: int = 0
     elems: int = 0
     pages: int = 0
+    full_copy: bool = False
 
-    def add(self, module: str, rank: int, elems: int, pages: int) -> None:
+    def add(self, module: str, rank: int, elems: int, pages: int, full_copy: bool = False) -> None:
         if module not in self.modules:
             self.modules.append(module)
         self.rank, self.elems, self.pages = max(self.rank, rank), self.elems + elems, self.pages + pages
+        self.full_copy |= full_copy
 
 
 def adapter_parts(spec: AdapterSpec, layout: PageLayout, itemsize: int) -> tuple[AdapterPart, ...]:
@@ -55,11 +63,12 @@ def adapter_parts(spec: AdapterSpec, layout: PageLayout, itemsize: int) -> tuple
         pages = m.pages(layout)
         (a_rows, a_len), (b_rows, b_len), *dora = m.matrices
         part = sums.setdefault(module if module in MODEL_MODULES else "layers", _Sum())
-        part.add(module, m.rank, a_rows * a_len + b_rows * b_len, pages[0] + pages[1])
+        part.add(module, m.rank, a_rows * a_len + b_rows * b_len, pages[0] + pages[1], m.replace)
         if dora:
             sums.setdefault("dora_scale", _Sum()).add(module, 0, dora[0][0] * dora[0][1], pages[2])
     page_bytes = layout.page_elems * itemsize
-    return tuple(AdapterPart(name, tuple(p.modules), p.rank, p.elems * itemsize, p.pages * page_bytes)
+    return tuple(AdapterPart(name, tuple(p.modules), p.rank, p.elems * itemsize, p.pages * page_bytes,
+                             p.full_copy)
                  for name in ("layers", *MODEL_MODULES, "dora_scale") if (p := sums.get(name)) is not None)
 
 

@@ -306,7 +306,7 @@ class LLMEngine:
 
     def adapter_info(self, ref: AdapterRef) -> AdapterInfo:
         return describe(ref, self.scheduler.residency.is_resident(ref.uid), ref.uid in self.adapters.host,
-                         self.layout, self.runner.arena.element_size())
+                         self.layout, self.runner.arena.element_size(), self.model_config.vocab_size)
 
     def drain_load_times(self) -> list[tuple[str, float]]:
         """(tier, seconds) of adapter loads since the last call: "host" = disk -> host memory,

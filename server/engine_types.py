@@ -38,6 +38,8 @@ class AdapterPart:
     ``name``: ``"layers"`` (LoRA on the layers' linear modules), ``"embed_tokens"``, ``"lm_head"``
     (LoRA on the embedding / the LM head) or ``"dora_scale"`` (DoRA's per-output scales of every
     DoRA module). ``bytes``: its weights in the serving dtype; ``pool_bytes``: the pages they take.
+    ``full_copy``: the part holds a whole embedding / head (``modules_to_save``, or a saved base
+    layer other than the base model's), stored as a module of rank ``hidden`` (+ its LoRA's rank).
     """
 
     name: str
@@ -45,6 +47,7 @@ class AdapterPart:
     rank: int  # the largest rank over its modules (0 for dora_scale)
     bytes: int
     pool_bytes: int
+    full_copy: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class AdapterInfo:
     use_dora: bool = False
     parts: tuple[AdapterPart, ...] = ()  # empty if the adapter's config cannot be read
     pool_bytes: int = 0  # pages it takes in the pool when resident (all parts)
+    vocab_size: int = 0  # token ids its requests may use: the base's, or more with added tokens
 
 
 @dataclass(frozen=True)

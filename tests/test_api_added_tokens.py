@@ -68,7 +68,11 @@ def test_adapter_tokenizer_and_added_tokens_over_http(api_server_factory, setup)
     server = api_server_factory("--model", str(tmp / "model"), "--pool-bytes", "8MiB", "--block-size", "4")
     r = _upload(server.url, "tools", tmp / "adapter")
     assert r.status_code == 201, r.text
-    assert {p["name"] for p in r.json()["parts"]} == {"layers", "embed_tokens", "lm_head"}
+    card = r.json()
+    assert {p["name"]: p["full_copy"] for p in card["parts"]} == {"layers": False, "embed_tokens": True,
+                                                                  "lm_head": True}
+    assert card["vocab_size"] == VOCAB + ADDED and card["target_modules"] == ["q_proj", "v_proj"]
+    assert card["rank"] == 4
     prompt = "w5 <t3> w7 w8 <t0>"
     ids = tokenizer(prompt).input_ids
     assert ids[1] == VOCAB + 3 and ids[-1] == VOCAB

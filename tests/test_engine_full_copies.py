@@ -133,6 +133,12 @@ def test_vocabulary_and_sizes_per_adapter(setup, tmp_path):
     # copies: the embedding 308 rows of 64 (+ a 64 x 64 identity), the head likewise; fp32
     assert parts["embed_tokens"].bytes == parts["lm_head"].bytes == 4 * 64 * (VOCAB + ADDED + 64)
     assert parts["embed_tokens"].modules == ("embed_tokens",) and parts["layers"].modules == ("q_proj",)
+    assert parts["embed_tokens"].full_copy and parts["lm_head"].full_copy and not parts["layers"].full_copy
+    # the LoRA's targets and rank, not the copies'; requests may use the added ids
+    assert info.target_modules == ("q_proj",) and info.rank == 4 and info.vocab_size == VOCAB + ADDED
+    changed = engine.get_adapter("changed")  # LoRA on embed_tokens over a changed base embedding
+    assert changed.target_modules == ("embed_tokens",) and changed.rank == 4 and changed.vocab_size == VOCAB
+    assert [(p.name, p.full_copy) for p in changed.parts] == [("embed_tokens", True)]
 
 
 def test_changed_embedding_of_a_tied_base_changes_the_head_too(tmp_path, smollm2_tokenizer_dir):

@@ -164,6 +164,7 @@ def test_adapter_info_reports_parts_and_their_sizes(models, tmp_path):
     # pages of 256 elements: embed_tokens' A.T is 300 rows of 4 (64 per page: 5 pages) + B^T 4 rows of
     # 64 (1); lm_head's A 4 rows of 64 (1) + B^T 4 rows of 300 cut in 2 pieces: 8 rows of 256 (8)
     assert parts["embed_tokens"].pool_bytes == 6 * 1024 and parts["lm_head"].pool_bytes == 9 * 1024
+    assert not any(p.full_copy for p in info.parts) and info.vocab_size == 300 and info.rank == 4
     plain = engine.get_adapter("plain")
     assert not plain.use_dora and [p.name for p in plain.parts] == ["layers"]
     run_all(engine, {"x": PROMPTS[0]}, SamplingParams(max_tokens=1, temperature=0), {"x": "dora_emb_head"})

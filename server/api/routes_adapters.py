@@ -45,13 +45,13 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 def adapter_card(info: AdapterInfo, parent: str, principal: Principal) -> AdapterCard:
     parts = [AdapterPartCard(name=p.name, modules=list(p.modules), rank=p.rank, bytes=p.bytes,
-                             pool_bytes=p.pool_bytes) for p in info.parts]
+                             pool_bytes=p.pool_bytes, full_copy=p.full_copy) for p in info.parts]
     return AdapterCard(id=principal.display(info.adapter_id), tenant=split(info.adapter_id)[0], uid=info.uid,
                        parent=parent, rank=info.rank, alpha=info.alpha,
                        target_modules=list(info.target_modules), size_bytes=info.size_bytes,
                        checksum=info.checksum, location=info.location, requests_served=info.requests_served,
                        created=int(info.created), use_dora=info.use_dora, parts=parts,
-                       pool_bytes=info.pool_bytes)
+                       pool_bytes=info.pool_bytes, vocab_size=info.vocab_size)
 
 
 def _visible(engine: Any, principal: Principal, name: str) -> AdapterInfo:

@@ -215,6 +215,8 @@ class AdapterPartCard(BaseModel):
     rank: int = Field(..., description="Largest rank over the part's modules (0 for dora_scale).")
     bytes: int = Field(..., description="The part's weights in the serving dtype.")
     pool_bytes: int = Field(..., description="Pool pages the part takes when resident, in bytes.")
+    full_copy: bool = Field(False, description="A whole embedding / LM head (modules_to_save, or a saved "
+                            "base layer other than the base model's) rather than only LoRA factors.")
 
 
 class AdapterCard(BaseModel):
@@ -236,6 +238,8 @@ class AdapterCard(BaseModel):
     parts: list[AdapterPartCard] = Field(default_factory=list,
                                          description="The adapter's weights by part, with their sizes.")
     pool_bytes: int = Field(0, description="Pool pages the adapter takes when resident, in bytes.")
+    vocab_size: int = Field(0, description="Token ids its requests may use: the base model's vocabulary, "
+                            "or more when its embedding is a full copy with added tokens.")
 
 
 class AdapterList(BaseModel):
