@@ -114,11 +114,11 @@ def adapter_costs(engine: LLMEngine, lora: Path, dora: Path, repeat: int) -> dic
     out: dict[str, dict] = {"lora": {}, "dora": {}}
     parse, write = {}, {}
     for kind, path in (("lora", lora), ("dora", dora)):
-        parsed = engine.adapters._parse(path)
+        parsed = engine.adapters.parse(path)
         info = engine.add_adapter(f"cost-{kind}", path)
         spec = engine.adapters.resolve(f"cost-{kind}").spec
         table = AdapterResidency(PagePool(spec.pages_needed(engine.layout)), engine.layout).load(spec)
-        parse[kind] = lambda p=path: engine.adapters._parse(p)
+        parse[kind] = lambda p=path: engine.adapters.parse(p)
         write[kind] = lambda t=table, w=parsed.weights: engine.runner.write_adapter(t, w)
         out[kind] |= {"pool_bytes": info.pool_bytes, "host_bytes": parsed.nbytes}
     for key, fns in (("host_load_ms", parse), ("pool_write_ms", write)):

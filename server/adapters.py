@@ -26,7 +26,6 @@ watcher calls ``sync``.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import threading
 import time
@@ -39,30 +38,17 @@ import torch
 
 from adapter_store.host_cache import HostCache
 from adapter_store.integrity import IntegrityError, verify_version
-from adapter_store.peft_embeddings import saved_vocab
-from adapter_store.peft_format import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    LoraWeights,
-    ParsedAdapter,
-    load_peft_adapter,
-    parse_adapter_config,
-)
+from adapter_store.peft_format import WEIGHTS_NAME, LoraWeights, ParsedAdapter, load_peft_adapter
 from adapter_store.refs import RefKey, StoredAdapterMeta, Tombstone, is_valid_adapter_id
 from adapter_store.store import AdapterStore
 from server.adapter_failures import FailureCounts, LoadFailure, TooLargeHere, failure_after
-from server.adapter_prep import copy_shape, prepare_for_base
-from server.adapter_residency import AdapterSpec, ModuleSpec
+from server.adapter_prep import prepare_for_base
+from server.adapter_residency import AdapterSpec
+from server.adapter_specs import spec_from_config, spec_from_parsed
 from server.adapter_tokenizers import AdapterTokenizers
 from server.dora import BaseWeights
-from server.errors import (
-    AdapterIncompatible,
-    AdapterTooLarge,
-    AdapterUnavailable,
-    InvalidAdapter,
-    UnknownAdapter,
-)
-from server.model_config import EMBED, MODEL_LAYER, ModelConfig
+from server.errors import AdapterTooLarge, AdapterUnavailable, UnknownAdapter
+from server.model_config import ModelConfig
 from server.page_layout import PageLayout
 from server.tokenizer import Tokenizer
 
@@ -146,7 +132,8 @@ class AdapterManager:
         if live is not None and (current is None or current.meta != live):
             ref = AdapterRef(adapter_id, next(self._uids), self.store.version_path(live.version), live)
             # file reads (config, header) outside _lock: the engine thread never waits on them
-            ref.spec = self._spec(ref.uid, adapter_id, parsed) if parsed else self._config_spec(ref)
+            ref.spec = (spec_from_parsed(ref.uid, adapter_id, parsed) if parsed
+                        else spec_from_config(ref.uid, adapter_id, ref.path, self.model))
         with self._lock:
             if key is None:
                 self._seen.pop(adapter_id, None)
@@ -173,8 +160,8 @@ class AdapterManager:
     def add(self, adapter_id: str, source: Mapping[str, bytes] | Path, replace: bool = False) -> AdapterRef:
         """Validate against the base model and the pool, store atomically, register with a new uid."""
         with self.store.stage(adapter_id, source, replace=replace) as staged:
-            parsed = self._parse(staged.path)
-            spec = self._spec(0, adapter_id, parsed)
+            parsed = self.parse(staged.path)
+            spec = spec_from_parsed(0, adapter_id, parsed)
             self.tokenizers.check(staged.path, spec.vocab(self.model.vocab_size))
             too_large = self._too_large(parsed, spec)
             if too_large:
@@ -314,7 +301,7 @@ class AdapterManager:
         try:
             start = time.perf_counter()
             parsed = self._read(ref)
-            spec = self._spec(ref.uid, ref.adapter_id, parsed)
+            spec = spec_from_parsed(ref.uid, ref.adapter_id, parsed)
             too_large = self._too_large(parsed, spec)
             if too_large:
                 raise TooLargeHere(too_large)
@@ -342,7 +329,7 @@ class AdapterManager:
 
     def _read(self, ref: AdapterRef) -> ParsedAdapter:
         digests = verify_version(ref.path)
-        return self._parse(ref.path, checksum=digests[WEIGHTS_NAME])
+        return self.parse(ref.path, checksum=digests[WEIGHTS_NAME])
 
     def _too_large(self, parsed: ParsedAdapter, spec: AdapterSpec) -> str | None:
         """Why this server can never hold the adapter (None: it can). Host memory must hold it whole:
@@ -354,38 +341,11 @@ class AdapterManager:
         if pages > self.num_pages:
             return f"needs {pages} pages of the pool; the pool has {self.num_pages}"
         return None
-    def _parse(self, path: Path, checksum: str | None = None) -> ParsedAdapter:
+
+    def parse(self, path: Path, checksum: str | None = None) -> ParsedAdapter:
         """Parse a PEFT dir and make it ready for this base model (DoRA scales computed)."""
         parsed = load_peft_adapter(path, self.model, self.max_rank, self.dtype, checksum=checksum)
         return prepare_for_base(parsed, self.base)
-
-    def _config_spec(self, ref: AdapterRef) -> AdapterSpec | None:
-        """The adapter's shape from its config (and its weights file's header for the vocabulary of
-        full copies), no weights read: for listing adapters still on disk and checking their
-        requests' token ids. The exact shape replaces it once the weights are read (it differs only
-        if PEFT's saved base embedding/head is not the base model's). None if unreadable."""
-        try:
-            config = parse_adapter_config(json.loads((ref.path / CONFIG_NAME).read_text()))
-            targets = config.resolve(self.model)
-            copies = {name: saved_vocab(ref.path / WEIGHTS_NAME, name) for name in config.copies(self.model)}
-        except (OSError, ValueError, InvalidAdapter, AdapterIncompatible):
-            return None
-        shapes = self.model.lora_shapes()
-        modules = {key: ModuleSpec(rank, config.scale_for(rank, alpha), *shapes[key[1]], dora=config.use_dora,
-                                   a_transposed=key[1] == EMBED)
-                   for key, (rank, alpha) in targets.items()}
-        for name, vocab in copies.items():
-            rank, k, n = copy_shape(name, vocab or self.model.vocab_size, self.model.hidden_size)
-            modules[(MODEL_LAYER, name)] = ModuleSpec(rank, 1.0, k, n, a_transposed=name == EMBED,
-                                                      replace=True)
-        return AdapterSpec(uid=ref.uid, name=ref.adapter_id, modules=modules)
-
-    def _spec(self, uid: int, name: str, parsed: ParsedAdapter) -> AdapterSpec:
-        return AdapterSpec(uid=uid, name=name, modules={
-            key: ModuleSpec(w.rank, w.scale, w.a.shape[1], w.b.shape[0], dora=w.magnitude is not None,
-                            a_transposed=key[1] == EMBED, replace=w.replace)
-            for key, w in parsed.weights.items()
-        })
 
     def shutdown(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
