@@ -92,8 +92,7 @@ def make_pair(root: Path, name: str, engine: LLMEngine) -> tuple[Path, Path]:
     """A rank-16 seven-module LoRA adapter and the same adapter as DoRA (magnitudes ``||W0||`` per
     output row, perturbed by up to 10%: DoRA scales near 1, outputs sane)."""
     spec = AdapterSpec(name, 16, ALL_MODULES)
-    ensure_adapters(root, [spec], engine.model_config)
-    lora = root / name
+    lora = ensure_adapters(root, [spec], engine.model_config) / name
     dora = root / f"{name}-dora"
     dora.mkdir(exist_ok=True)
     tensors = load_file(lora / WEIGHTS_NAME)

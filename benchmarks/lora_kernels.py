@@ -48,8 +48,11 @@ def make_arena(cfg: ModelConfig, layout: PageLayout, num_adapters: int, dtype: t
     num_pages = sum(s.pages_needed(layout) for s in specs)
     residency = AdapterResidency(PagePool(num_pages), layout)
     tables = [residency.load(s) for s in specs]
-    arena = (torch.randn(num_pages, layout.page_elems) * 0.05 + (1.0 if dora else 0.0)).to(dtype)
-    return arena, tables
+    arena = torch.randn(num_pages, layout.page_elems) * 0.05
+    for table in tables if dora else ():  # DoRA's scale rows near 1; A and B as without DoRA
+        for m in table.modules.values():
+            arena[list(m.g_pages)] += 1.0
+    return arena.to(dtype), tables
 
 
 def bench(backend_name: str, scenario: str, dtype: torch.dtype, repeat: int) -> dict:
