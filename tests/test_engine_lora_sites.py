@@ -112,19 +112,27 @@ def _requests(names: list[str | None], twice: bool) -> tuple[dict[str, list[int]
     return prompts, adapters
 
 
+def _mixed_against_peft(models, tied: bool, engine: LLMEngine, names: list[str | None], twice: bool):
+    """Run ``_requests(names, twice)`` at once; assert each request's greedy tokens equal PEFT's with
+    its adapter alone and its first logits are within 1e-3. Returns (logits, steps, adapters)."""
+    prompts, adapters = _requests(names, twice)
+    params = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
+    got, logits, steps = run_all_logits(engine, prompts, params, adapters)
+    for rid, prompt in prompts.items():
+        want_tokens, want_logits = _oracle(models, tied, adapters[rid], prompt)
+        assert got[rid] == want_tokens, (rid, adapters[rid])
+        torch.testing.assert_close(logits[rid], want_logits, atol=1e-3, rtol=0, msg=rid)
+    return logits, steps, adapters
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_batch_matches_peft_alone_and_dora_changes_output(models, backend, tmp_path):
     """DoRA, plain LoRA, embedding/head LoRA and base requests share steps; each request's greedy
     tokens equal PEFT running its adapter alone and its logits are within 1e-3 of PEFT's."""
     engine = _engine(models, False, backend, tmp_path)
-    names = [*CONFIGS, "undora", None]
-    prompts, adapters = _requests(names, twice=backend != "triton")  # the interpreter is slow
-    params = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
-    got, logits, steps = run_all_logits(engine, prompts, params, adapters)
-    for rid, prompt in prompts.items():
-        want_tokens, want_logits = _oracle(models, False, adapters[rid], prompt)
-        assert got[rid] == want_tokens, (rid, adapters[rid])
-        torch.testing.assert_close(logits[rid], want_logits, atol=1e-3, rtol=0, msg=rid)
+    # the interpreter is slow: one request per adapter for Triton
+    logits, steps, adapters = _mixed_against_peft(models, False, engine, [*CONFIGS, "undora", None],
+                                                  twice=backend != "triton")
     # the batches really mixed DoRA, plain LoRA and base requests
     kinds = [{adapters[rid] for rid in step} for step in steps]
     assert any({"dora_all", "dora_qv", "plain", None} <= k for k in kinds), kinds
@@ -137,14 +145,7 @@ def test_mixed_batch_matches_peft_alone_and_dora_changes_output(models, backend,
 
 @pytest.mark.parametrize("backend", BACKENDS[:2])
 def test_tied_base_embedding_and_head(models, backend, tmp_path):
-    engine = _engine(models, True, backend, tmp_path)
-    prompts, adapters = _requests([*TIED, None], twice=True)
-    params = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
-    got, logits, _ = run_all_logits(engine, prompts, params, adapters)
-    for rid, prompt in prompts.items():
-        want_tokens, want_logits = _oracle(models, True, adapters[rid], prompt)
-        assert got[rid] == want_tokens, (rid, adapters[rid])
-        torch.testing.assert_close(logits[rid], want_logits, atol=1e-3, rtol=0, msg=rid)
+    _mixed_against_peft(models, True, _engine(models, True, backend, tmp_path), [*TIED, None], twice=True)
 
 
 def test_adapter_info_reports_parts_and_their_sizes(models, tmp_path):
