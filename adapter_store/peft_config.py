@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from server.errors import AdapterIncompatible, InvalidAdapter
-from server.model_config import LORA_MODULES, ModelConfig
+from server.model_config import EMBED, KERNEL_MODULES, LM_HEAD, LORA_MODULES, MODEL_LAYER, ModelConfig
 
 # The submodule each LoRA-targetable linear module lives in (PEFT keys name it); the module names
 # and their order belong to the model (server/model_config.py).
@@ -35,17 +35,17 @@ MODULE_PARENTS: dict[str, str] = {
 }
 assert tuple(MODULE_PARENTS) == LORA_MODULES, "MODULE_PARENTS must name every LoRA module, in order"
 ALL_LINEAR = "all-linear"
-_EMBEDDING_KEYS = ("model.embed_tokens", "lm_head")
-_GLOBAL_KEYS = ("model", "model.layers", "model.norm", "model.rotary_emb", *_EMBEDDING_KEYS)
+# The model-wide LoRA sites by the module key PEFT matches (PEFT's lm_head of a tied model is the
+# same module key: LoRA on it adds to the logits only, the input embedding stays the base's).
+MODEL_KEYS: dict[str, str] = {EMBED: "model.embed_tokens", LM_HEAD: "lm_head"}
+_GLOBAL_KEYS = ("model", "model.layers", "model.norm", "model.rotary_emb")
 _LAYER_SUBKEYS = ("", ".self_attn", ".mlp", ".mlp.act_fn", ".input_layernorm", ".post_attention_layernorm")
 
 # Config flags that change what the adapter computes (or what it expects of the base weights) in
 # ways our shrink/expand kernels don't implement. Refusing beats silently serving wrong outputs.
 _REFUSED: dict[str, str] = {
-    "use_dora": "DoRA is not supported yet (use_dora=true)",
     "lora_bias": "lora_bias=true (a trained bias on lora_B) is not supported",
     "fan_in_fan_out": "fan_in_fan_out=true (Conv1D-style transposed weights) is not supported",
-    "modules_to_save": "modules_to_save={value!r}: fully fine-tuned extra modules are not supported",
     "trainable_token_indices": "trainable_token_indices is not supported (it changes embeddings)",
     "target_parameters": "target_parameters={value!r} is not supported (only target_modules)",
     "layer_replication": "layer_replication is not supported",
@@ -65,8 +65,10 @@ _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 class LoraConfigInfo:
     """The parts of a PEFT LoRA config that decide which weights exist and how they are scaled.
 
-    ``target_modules`` are our module names (subset of ``LORA_MODULES``) the config targets in at
-    least one layer; ``target_spec`` is the config's own value (tuple of names or a regex string).
+    ``target_modules`` are our module names (subset of ``KERNEL_MODULES``: the layer modules and
+    the model-wide embed_tokens/lm_head) the config targets in at least one layer; ``target_spec``
+    is the config's own value (tuple of names or a regex string). ``use_dora``: every targeted
+    module is DoRA (its file holds a magnitude vector per module).
     """
 
     r: int
@@ -80,6 +82,8 @@ class LoraConfigInfo:
     layers_pattern: tuple[str, ...] | None = None
     exclude_modules: tuple[str, ...] | str | None = None
     base_model_name_or_path: str | None = None
+    use_dora: bool = False
+    modules_to_save: tuple[str, ...] = ()  # the config's entries (PEFT matches keys ending with one)
 
     def rank_and_alpha(self, key: str) -> tuple[int, float]:
         """Rank and alpha PEFT gives the module with full key ``key`` (``get_pattern_key``)."""
@@ -92,10 +96,11 @@ class LoraConfigInfo:
         return alpha / rank**0.5 if self.use_rslora else alpha / rank
 
     def resolve(self, model: ModelConfig) -> dict[tuple[int, str], tuple[int, float]]:
-        """Every targeted (layer, module) of ``model`` mapped to (rank, alpha).
+        """Every targeted (layer, module) of ``model`` mapped to (rank, alpha); embed_tokens and
+        lm_head are keyed ``(MODEL_LAYER, name)``.
 
-        Raises AdapterIncompatible if the config targets layers the model lacks, non-linear
-        modules, or nothing at all; InvalidAdapter for embedding/lm_head targets.
+        Raises AdapterIncompatible if the config targets layers the model lacks, modules that are
+        neither linear nor the embedding/head, or nothing at all.
         """
         for idx in self.layers_to_transform or ():
             if idx >= model.num_layers:
@@ -106,10 +111,6 @@ class LoraConfigInfo:
                 )
         for key in _other_module_keys(model.num_layers):
             if self.matches(key):
-                if key in _EMBEDDING_KEYS:
-                    raise InvalidAdapter(
-                        f"target_modules targets {key!r}: embed_tokens/lm_head are not supported"
-                    )
                 raise AdapterIncompatible(f"target_modules matches {key!r}, which is not a linear layer")
         targets = {
             (layer, name): self.rank_and_alpha(module_key(layer, name))
@@ -117,13 +118,37 @@ class LoraConfigInfo:
             for name in LORA_MODULES
             if self.matches(module_key(layer, name))
         }
+        targets |= {(MODEL_LAYER, name): self.rank_and_alpha(key) for name, key in MODEL_KEYS.items()
+                    if self.matches(key)}
+        for name in self.copies(model):
+            if (MODEL_LAYER, name) in targets:
+                raise InvalidAdapter(f"{name} is both a LoRA target (target_modules) and in modules_to_save",
+                                     param="modules_to_save")
         if not targets:
             raise AdapterIncompatible(
                 f"target_modules={self.target_spec!r} matches no module of the base model "
-                f"(linear modules: {', '.join(LORA_MODULES)})",
+                f"(modules: {', '.join(KERNEL_MODULES)})",
                 param="target_modules",
             )
         return targets
+
+    def copies(self, model: ModelConfig) -> tuple[str, ...]:
+        """The model-wide modules (embed_tokens, lm_head) whose full copies ``modules_to_save`` asks
+        for, matched as PEFT's ``_set_trainable`` does (a module key ending with an entry). Raises
+        InvalidAdapter for an entry that matches any other module; entries matching nothing are
+        ignored, as PEFT ignores them."""
+        keys = [*MODEL_KEYS.values(), *_other_module_keys(model.num_layers),
+                *(module_key(layer, n) for layer in range(model.num_layers) for n in LORA_MODULES)]
+        out = []
+        for entry in self.modules_to_save:
+            for key in (k for k in keys if k.endswith(entry)):
+                name = next((n for n, k in MODEL_KEYS.items() if k == key), None)
+                if name is None:
+                    raise InvalidAdapter(f"modules_to_save entry {entry!r} matches {key!r}: only full copies "
+                                         "of embed_tokens and lm_head are supported", param="modules_to_save")
+                if name not in out:
+                    out.append(name)
+        return tuple(n for n in MODEL_KEYS if n in out)
 
     def matches(self, key: str) -> bool:
         """PEFT's ``check_target_module_exists`` for our config subset."""
@@ -212,18 +237,30 @@ def parse_adapter_config(data: dict[str, Any]) -> LoraConfigInfo:
         layers_pattern=_str_tuple(data.get("layers_pattern"), "layers_pattern"),
         exclude_modules=exclude or None,
         base_model_name_or_path=str(base) if base is not None else None,
+        use_dora=_flag(data, "use_dora"),
+        modules_to_save=_str_tuple(data.get("modules_to_save"), "modules_to_save") or (),
     )
     # Model-independent guess (a list spec matches the same names in every layer unless
     # layers_to_transform or exclude_modules single layers out; otherwise 256 layers are probed);
     # load_peft_adapter replaces it with the exact set for the real model.
     probe = 256 if isinstance(spec, str) or layers or exclude else 1
     names = {n for layer in range(probe) for n in LORA_MODULES if info.matches(module_key(layer, n))}
+    names |= {n for n, key in MODEL_KEYS.items() if info.matches(key)}
     return with_targets(info, names)
 
 
 def with_targets(info: LoraConfigInfo, names: set[str]) -> LoraConfigInfo:
     """``info`` with ``target_modules`` set to ``names`` in canonical module order."""
-    return replace(info, target_modules=tuple(n for n in LORA_MODULES if n in names))
+    return replace(info, target_modules=tuple(n for n in KERNEL_MODULES if n in names))
+
+
+def _flag(data: dict[str, Any], name: str) -> bool:
+    value = data.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidAdapter(f"{name} must be true or false, got {value!r}", param=name)
+    return value
 
 
 def _patterns(data: dict[str, Any]) -> tuple[dict[str, int], dict[str, float]]:

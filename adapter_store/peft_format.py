@@ -17,26 +17,33 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from adapter_store.fsio import sha256_file
-from adapter_store.peft_config import (
-    MODULE_PARENTS,
-    LoraConfigInfo,
-    parse_adapter_config,
-    with_targets,
+from adapter_store.peft_config import LoraConfigInfo, parse_adapter_config, with_targets
+from adapter_store.peft_embeddings import adapter_vocab, check_base_layers_and_copies, with_vocab
+from adapter_store.peft_keys import (
+    BASE_LAYER,
+    COPY,
+    MAGNITUDE,
+    WEIGHTS_NAME,
+    A,
+    B,
+    parse_key,
+    site,
+    tensor_key,
 )
 from adapter_store.safetensors_header import TensorEntry, read_header
 from server.errors import AdapterIncompatible, InvalidAdapter
-from server.model_config import ModelConfig
+from server.model_config import MODEL_LAYER, ModelConfig
 
 __all__ = [
     "CONFIG_NAME",
+    "TOKENIZER_FILES",
     "WEIGHTS_NAME",
     "LoraConfigInfo",
     "LoraWeights",
@@ -49,37 +56,59 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+# An adapter's own tokenizer (saved beside it when tokens were added): a fast tokenizer's files.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_CONFIG_BYTES = 1 << 20  # a real adapter_config.json is ~1 KB
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
-_MODULE_RE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<parent>\w+)\.(?P<name>\w+)$")
 
 
 @dataclass(frozen=True)
 class LoraWeights:
-    """One (layer, module)'s LoRA factors: ``delta_W = scale * b @ a`` (shape ``[out, in]``)."""
+    """One (layer, module)'s LoRA factors: ``delta_W = scale * b @ a`` (shape ``[out, in]``).
+
+    DoRA (``magnitude`` from the file): the module computes ``g * (W0 x + scale * b @ a @ x)`` with
+    ``g = magnitude / ||W0 + scale * b @ a||`` per output row; ``dora_scale`` is that ``g``, computed
+    once against the base weights (server/dora.py) before the adapter is placed in pages.
+    """
 
     a: torch.Tensor  # [rank, in_features]
     b: torch.Tensor  # [out_features, rank]
     rank: int
     scale: float
+    magnitude: torch.Tensor | None = None  # [out_features] (DoRA)
+    dora_scale: torch.Tensor | None = None  # [out_features] float32 (DoRA, once computed)
+    replace: bool = False  # a full copy of the module: ``y = scale * b @ a @ x``, the base's dropped
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.a, self.b, self.magnitude, self.dora_scale) if t is not None)
 
 
 @dataclass(frozen=True)
 class ParsedAdapter:
-    """A validated adapter in host memory. ``checksum`` is the sha256 hex of the weights file."""
+    """A validated adapter in host memory. ``checksum`` is the sha256 hex of the weights file.
+
+    ``base_layers``: the whole embed_tokens / lm_head weights PEFT saved with the LoRA of those
+    modules; ``copies``: the full copies ``modules_to_save`` asks for (by module name, ``[vocab,
+    hidden]``). server/adapter_prep.py turns both into what the pool holds. ``vocab_size``: the
+    adapter's vocabulary (the base's, or more with added tokens).
+    """
 
     config: LoraConfigInfo
     weights: dict[tuple[int, str], LoraWeights]
     checksum: str
+    base_layers: dict[str, torch.Tensor] = field(default_factory=dict)
+    copies: dict[str, torch.Tensor] = field(default_factory=dict)
+    vocab_size: int = 0
     source_dtype: torch.dtype | None = None  # the one dtype of its tensors in the file (None: mixed)
 
     @property
     def nbytes(self) -> int:
-        """Host bytes held by all A and B tensors."""
-        return sum(w.a.nbytes + w.b.nbytes for w in self.weights.values())
+        """Host bytes held by all tensors."""
+        return (sum(w.nbytes for w in self.weights.values())
+                + sum(t.nbytes for t in (*self.base_layers.values(), *self.copies.values())))
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -100,9 +129,9 @@ def check_adapter_files(names: set[str]) -> None:
                 f"pickled weights ({', '.join(pickles)}) are not accepted because loading them can run "
                 f"arbitrary code; save the adapter with safetensors ({WEIGHTS_NAME})"
             )
-        raise InvalidAdapter(f"{WEIGHTS_NAME} is missing")
+        raise InvalidAdapter(f"{WEIGHTS_NAME} is missing", param=WEIGHTS_NAME)
     if CONFIG_NAME not in names:
-        raise InvalidAdapter(f"{CONFIG_NAME} is missing")
+        raise InvalidAdapter(f"{CONFIG_NAME} is missing", param=CONFIG_NAME)
 
 
 def load_peft_adapter(
@@ -122,20 +151,34 @@ def load_peft_adapter(
     targets = config.resolve(model)
     config = with_targets(config, {name for _, name in targets})
     _check_ranks(targets, max_rank)
-    pairs = _pair_tensors(read_header(path / WEIGHTS_NAME, WEIGHTS_NAME), model)
-    _check_coverage(set(pairs), set(targets))
-    shapes = model.linear_shapes()
+    found = _group_entries(read_header(path / WEIGHTS_NAME, WEIGHTS_NAME), model.num_layers)
+    model = with_vocab(model, adapter_vocab(found, model))  # added tokens: embed/lm_head are wider
+    _check_coverage({k for k, parts in found.items() if set(parts) - {COPY}}, set(targets))
+    shapes = model.lora_shapes()
     for (layer, name), (rank, _) in sorted(targets.items()):
-        _check_shapes(layer, name, *pairs[(layer, name)], rank, shapes[name])
+        parts = found[(layer, name)]
+        _check_shapes(layer, name, *_ab(layer, name, parts), rank, shapes[name])
+        _check_magnitude(layer, name, parts.get(MAGNITUDE), config.use_dora, shapes[name][1])
+    copies = config.copies(model)
+    check_base_layers_and_copies(found, copies)
     weights = {}
     with open(path / WEIGHTS_NAME, "rb") as f:
+        def read(layer: int, name: str, part: str, to: torch.dtype = dtype) -> torch.Tensor:
+            return _read_tensor(f, found[(layer, name)][part], layer, name, part, to)
+
         for (layer, name), (rank, alpha) in sorted(targets.items()):
-            a, b = (_read_tensor(f, e, layer, name, side, dtype)
-                    for side, e in zip("AB", pairs[(layer, name)], strict=True))
-            weights[(layer, name)] = LoraWeights(a=a, b=b, rank=rank, scale=config.scale_for(rank, alpha))
+            dora = MAGNITUDE in found[(layer, name)]
+            weights[(layer, name)] = LoraWeights(
+                a=read(layer, name, A), b=read(layer, name, B), rank=rank,
+                scale=config.scale_for(rank, alpha),
+                magnitude=read(layer, name, MAGNITUDE, torch.float32) if dora else None)
+        base_layers = {name: read(layer, name, BASE_LAYER) for (layer, name), parts in sorted(found.items())
+                       if BASE_LAYER in parts}
+        full = {name: read(MODEL_LAYER, name, COPY) for name in copies}
     checksum = checksum or sha256_file(path / WEIGHTS_NAME)
-    dtypes = {_TORCH_DTYPES[e.dtype] for pair in pairs.values() for e in pair}
-    parsed = ParsedAdapter(config=config, weights=weights, checksum=checksum,
+    dtypes = {_TORCH_DTYPES.get(e.dtype) for parts in found.values() for e in parts.values()}
+    parsed = ParsedAdapter(config=config, weights=weights, checksum=checksum, base_layers=base_layers,
+                           copies=full, vocab_size=model.vocab_size,
                            source_dtype=dtypes.pop() if len(dtypes) == 1 else None)
     logger.info(
         "parsed adapter %s: %d modules, ranks %s, %d bytes",
@@ -149,7 +192,7 @@ def _check_ranks(targets: dict[tuple[int, str], tuple[int, float]], max_rank: in
     for (layer, name), (rank, _) in sorted(targets.items()):
         if rank > max_rank:
             raise AdapterIncompatible(
-                f"{name} of layer {layer} has rank r={rank}, above this server's max_rank={max_rank}",
+                f"{site(layer, name)} has rank r={rank}, above this server's max_rank={max_rank}",
                 param="r",
             )
 
@@ -162,9 +205,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
-        raise InvalidAdapter(f"{CONFIG_NAME} is not UTF-8 text: {exc}") from exc
+        raise InvalidAdapter(f"{CONFIG_NAME} is not UTF-8 text: {exc}", param=CONFIG_NAME) from exc
     except json.JSONDecodeError as exc:
-        raise InvalidAdapter(f"{CONFIG_NAME} is not valid JSON: {exc}") from exc
+        raise InvalidAdapter(f"{CONFIG_NAME} is not valid JSON: {exc}", param=CONFIG_NAME) from exc
 
 
 def _read_tensor(f: Any, e: TensorEntry, layer: int, name: str, side: str,
@@ -185,40 +228,44 @@ def _read_tensor(f: Any, e: TensorEntry, layer: int, name: str, side: str,
     return out
 
 
-def _key(layer: int, name: str, ab: str) -> str:
-    return f"base_model.model.model.layers.{layer}.{MODULE_PARENTS[name]}.{name}.lora_{ab}.weight"
+def _key(layer: int, name: str, part: str) -> str:
+    return tensor_key(layer, name, part)
 
 
-def _pair_tensors(
-    tensors: dict[str, TensorEntry], model: ModelConfig
-) -> dict[tuple[int, str], tuple[TensorEntry, TensorEntry]]:
-    """Group tensors by (layer, module); raise on keys that are not LoRA A/B of a known module."""
-    found: dict[tuple[int, str], dict[str, TensorEntry]] = {}
-    for key, tensor in tensors.items():
-        m = _KEY_RE.match(key)
-        if m is None:
-            if "embed_tokens" in key or "lm_head" in key:
-                raise InvalidAdapter(f"tensor {key!r} targets embed_tokens/lm_head, which is not supported")
-            raise InvalidAdapter(f"unexpected tensor {key!r} in {WEIGHTS_NAME} (not a LoRA A/B weight)")
-        module = m.group("module")
-        mm = _MODULE_RE.match(module)
-        if mm is None or MODULE_PARENTS.get(mm.group("name")) != mm.group("parent"):
-            raise AdapterIncompatible(f"tensor {key!r}: the base model has no module {module!r}")
-        layer = int(mm.group("layer"))
-        if layer >= model.num_layers:
-            raise AdapterIncompatible(
-                f"tensor {key!r} is for layer {layer} but the base model has {model.num_layers} layers"
-            )
-        slot = found.setdefault((layer, mm.group("name")), {})
-        if m.group("ab") in slot:
-            raise InvalidAdapter(f"duplicate lora_{m.group('ab')} tensor for {module!r} ({key!r})")
-        slot[m.group("ab")] = tensor
-    for (layer, name), ab in found.items():
-        for side in "AB":
-            if side not in ab:
-                missing = _key(layer, name, side)
-                raise InvalidAdapter(f"{name} of layer {layer} has no lora_{side} tensor ({missing})")
-    return {k: (v["A"], v["B"]) for k, v in found.items()}
+Found = dict[tuple[int, str], dict[str, TensorEntry]]
+
+
+def _group_entries(entries: dict[str, TensorEntry], num_layers: int) -> Found:
+    """Tensors by (layer, module) and part (peft_keys); raise on keys that are not a known part."""
+    found: Found = {}
+    for key, entry in entries.items():
+        layer, name, part = parse_key(key, num_layers)
+        slot = found.setdefault((layer, name), {})
+        if part in slot:
+            raise InvalidAdapter(f"duplicate tensor for {part} of {site(layer, name)} ({key!r})",
+                                 param=WEIGHTS_NAME)
+        slot[part] = entry
+    return found
+
+
+def _ab(layer: int, name: str, parts: dict[str, TensorEntry]) -> tuple[TensorEntry, TensorEntry]:
+    for side in (A, B):
+        if side not in parts:
+            key = _key(layer, name, side)
+            raise InvalidAdapter(f"{site(layer, name)} has no lora_{side} tensor ({key})", param=WEIGHTS_NAME)
+    return parts[A], parts[B]
+
+
+def _check_magnitude(layer: int, name: str, m: TensorEntry | None, use_dora: bool, out: int) -> None:
+    key = _key(layer, name, MAGNITUDE)
+    if m is None and use_dora:
+        raise InvalidAdapter(f"adapter_config has use_dora=true but {key} is missing", param="use_dora")
+    if m is not None and not use_dora:
+        raise InvalidAdapter(f"tensor {key} is a DoRA magnitude but adapter_config has use_dora=false",
+                             param="use_dora")
+    if m is not None and (m.dtype not in _TORCH_DTYPES or tuple(m.shape) != (out,)):
+        raise InvalidAdapter(f"tensor {key} has shape {list(m.shape)} ({m.dtype}); expected [{out}] floats",
+                             param=WEIGHTS_NAME)
 
 
 def _check_coverage(present: set[tuple[int, str]], targeted: set[tuple[int, str]]) -> None:
@@ -226,15 +273,15 @@ def _check_coverage(present: set[tuple[int, str]], targeted: set[tuple[int, str]
     if missing:
         layer, name = missing[0]
         raise InvalidAdapter(
-            f"adapter_config targets {name} of layer {layer} but {WEIGHTS_NAME} has no weights for it "
-            f"({len(missing)} targeted module(s) missing, e.g. {_key(layer, name, 'A')})"
+            f"adapter_config targets {site(layer, name)} but {WEIGHTS_NAME} has no weights for it "
+            f"({len(missing)} targeted module(s) missing, e.g. {_key(layer, name, 'A')})", param=WEIGHTS_NAME
         )
     stray = sorted(present - targeted)
     if stray:
         layer, name = stray[0]
         raise InvalidAdapter(
-            f"{WEIGHTS_NAME} has weights for {name} of layer {layer} that adapter_config does not "
-            f"target ({len(stray)} such module(s))"
+            f"{WEIGHTS_NAME} has weights for {site(layer, name)} that adapter_config does not "
+            f"target ({len(stray)} such module(s))", param="target_modules"
         )
 
 
@@ -252,12 +299,12 @@ def _check_shapes(
                                  param=WEIGHTS_NAME)
     if a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
         raise AdapterIncompatible(
-            f"{name} of layer {layer}: expected lora_A [r, {in_f}] and lora_B [{out_f}, r] for the base "
+            f"{site(layer, name)}: expected lora_A [r, {in_f}] and lora_B [{out_f}, r] for the base "
             f"model, got lora_A {list(a.shape)} and lora_B {list(b.shape)}", param=WEIGHTS_NAME
         )
     if a.shape[0] != rank:
         raise InvalidAdapter(
-            f"{name} of layer {layer}: adapter_config gives rank {rank} (expected lora_A [{rank}, {in_f}], "
+            f"{site(layer, name)}: adapter_config gives rank {rank} (expected lora_A [{rank}, {in_f}], "
             f"lora_B [{out_f}, {rank}]) but got lora_A {list(a.shape)} and lora_B {list(b.shape)}", param="r"
         )
 

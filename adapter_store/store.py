@@ -45,7 +45,7 @@ from adapter_store.fsio import (
     write_file,
 )
 from adapter_store.integrity import MANIFEST_NAME, is_intact
-from adapter_store.peft_format import CONFIG_NAME, WEIGHTS_NAME, check_adapter_files
+from adapter_store.peft_format import CONFIG_NAME, TOKENIZER_FILES, WEIGHTS_NAME, check_adapter_files
 from adapter_store.refs import (
     ADAPTER_ID_PATTERN,
     REF_SUFFIX,
@@ -66,7 +66,8 @@ __all__ = ["ADAPTER_ID_PATTERN", "AdapterStore", "StagedAdapter", "StoredAdapter
 
 logger = logging.getLogger(__name__)
 
-STORED_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")  # anything else in an upload is ignored
+# anything else in an upload is ignored; an adapter's own tokenizer (added tokens) is kept with it
+STORED_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md", *TOKENIZER_FILES)
 LAYOUT_FILE, LAYOUT = "store.json", 2
 SUBDIRS = ("versions", "refs", "staging", "leases", "locks", "trash")
 

@@ -27,7 +27,7 @@ import torch
 from benchmarks.machine import read_bandwidth
 from kernels.backend import select_lora_backend
 from kernels.lora import LoraSegments
-from kernels.lora_pages import storage_view
+from kernels.lora_pages import storage_view, write_matrix_rows
 from kernels.step_buffer import StepBuffer, StepPack
 from server.adapter_residency import AdapterResidency, AdapterSpec, ModuleSpec
 from server.model_config import LORA_MODULES, ModelConfig
@@ -47,18 +47,25 @@ RANKS = (8, 16, 32, 64)
 GOAL = 0.60  # of the read bandwidth, for the decode step of the C kernel
 
 
-def _arena(cfg: ModelConfig, layout: PageLayout, num_adapters: int, modules: tuple[str, ...],
-           storage: str | None, dtype: torch.dtype) -> tuple[torch.Tensor, list[AdapterPageTable]]:
-    """Adapters placed as the pool places them; their pages filled with small random values."""
+def make_arena(cfg: ModelConfig, layout: PageLayout, num_adapters: int, dtype: torch.dtype,
+               modules: tuple[str, ...] = LORA_MODULES, storage: str | None = None,
+               dora: bool = False) -> tuple[torch.Tensor, list[AdapterPageTable]]:
+    """Adapters (ranks cycling RANKS) placed as the pool places them; their pages filled with small
+    random values (DoRA: scale rows near 1, A and B as without DoRA)."""
     shapes = cfg.linear_shapes()
     specs = [AdapterSpec(uid=n, name=f"a{n}", modules={
-        (layer, m): ModuleSpec(RANKS[n % len(RANKS)], 2.0, *shapes[m])
+        (layer, m): ModuleSpec(RANKS[n % len(RANKS)], 2.0, *shapes[m], dora=dora)
         for layer in range(cfg.num_layers) for m in modules}, dtype=storage) for n in range(num_adapters)]
     num_pages = sum(s.pages_needed(layout) for s in specs)
     residency = AdapterResidency(PagePool(num_pages), layout)
     tables = [residency.load(s) for s in specs]
     arena = torch.empty(num_pages, layout.page_elems, dtype=dtype)
-    storage_view(arena, storage).uniform_(-0.05, 0.05)  # finite, no denormals, in the rows' dtype
+    view = storage_view(arena, storage)
+    view.uniform_(-0.05, 0.05)  # finite, no denormals, in the rows' dtype
+    for table in tables if dora else ():  # g rows share pages with other rows: written row by row
+        for m in table.modules.values():
+            g = 1.0 + torch.empty(1, m.out_features).uniform_(-0.05, 0.05)
+            write_matrix_rows(view, m.g_pages, g, m.g_row0)
     return arena, tables
 
 
@@ -66,7 +73,7 @@ def bench(backend_name: str, scenario: str, dtype: torch.dtype, storage: str | N
     cfg = ModelConfig.from_hf_dict(SMOLLM2)
     layout = PageLayout.for_model(cfg, itemsize=dtype.itemsize)
     per_seg, num_adapters, modules = SCENARIOS[scenario]
-    arena, tables = _arena(cfg, layout, num_adapters, modules, storage, dtype)
+    arena, tables = make_arena(cfg, layout, num_adapters, dtype, modules, storage)
     backend = select_lora_backend(arena, layout, "torch", backend_name)
     seg_starts = tuple(range(0, per_seg * num_adapters + 1, per_seg))
     segments = LoraSegments(seg_starts, tuple(range(num_adapters)))

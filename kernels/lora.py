@@ -14,6 +14,20 @@ Semantics, for every token ``t`` of a segment of slot ``a``::
 Tokens with no adapter (or whose adapter lacks the module) get nothing. Work is grouped by slot and
 done at each adapter's own rank: nothing is padded to the batch's maximum rank.
 
+Two variants, per module:
+
+* DoRA (``g_a``, the module's per-output scale, stored in its pages): the expand's epilogue scales
+  the whole output row, base part included, ``y[t] = g_a * (y[t] + scale_a * v[t, :r_a] @ B_a.T)``;
+  ``y`` must hold exactly the base layer's output when the call is made.
+* a gather shrink (embed_tokens: ``x`` holds token ids, ``A_a`` is stored transposed):
+  ``v[t, :r_a] = A_a.T[x[t]]``, i.e. ``x[t]`` as a one-hot row;
+* replace (a module's full copy, modules_to_save): ``y[t] = scale_a * v[t, :r_a] @ B_a.T``, the
+  base output dropped.
+
+A module writes the first ``out_features`` columns of its block of ``y``: at the lm_head site an
+adapter with added tokens has more than the base vocabulary (``y`` is as wide as the widest), a
+plain one fewer.
+
 ``lora_group_ref`` states what a backend's ``LoraStep.apply(layer, group, x, y)`` computes
 (kernels/lora_backend.py): the two ops above for each module of a ``LoraGroup``, each into its own
 column block of ``y``. The backends (torch, native C, Triton) are tested against these.
@@ -26,8 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.lora_pages import read_lora_weights
-from server.model_config import LoraGroup
+from kernels.lora_pages import read_dora_scale, read_lora_weights
+from server.model_config import GATHER, LoraGroup
 from server.page_layout import AdapterPageTable, LoraMatrixPages
 
 Rows = slice | torch.Tensor  # one contiguous run of rows, or an int64 index tensor
@@ -96,9 +110,9 @@ class LoraArgs:
     def __post_init__(self) -> None:
         if any(s >= len(self.mats) for s in self.segments.seg_slots):
             raise ValueError(f"a segment uses a slot >= {len(self.mats)}")
-        shapes = {(m.in_features, m.out_features) for m in self.mats if m is not None}
+        shapes = {m.in_features for m in self.mats if m is not None and not m.a_transposed}
         if len(shapes) > 1:
-            raise ValueError(f"adapters disagree on the module's shape: {sorted(shapes)}")
+            raise ValueError(f"adapters disagree on the module's input width: {sorted(shapes)}")
 
     @property
     def max_rank(self) -> int:
@@ -107,29 +121,38 @@ class LoraArgs:
 
 
     def weights(self, arena: torch.Tensor, slot: int,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slot ``slot``'s ``(A, B^T)`` read from its pages, in the compute ``dtype``."""
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Slot ``slot``'s ``(A, B^T, g or None)`` read from its pages, in the compute ``dtype``."""
         mat = self.mats[slot]
         assert mat is not None
-        a, bt = read_lora_weights(arena, mat, self.dtypes[slot] if self.dtypes else None)
-        return a.to(dtype), bt.to(dtype)
+        stored = self.dtypes[slot] if self.dtypes else None
+        a, bt = read_lora_weights(arena, mat, stored)
+        g = read_dora_scale(arena, mat, stored)
+        return a.to(dtype), bt.to(dtype), None if g is None else g.to(dtype)
 
 
-def _groups(args: LoraArgs, arena: torch.Tensor, x: torch.Tensor):
-    """Yield ``(rows, mat, A, B^T)`` per slot that has tokens and this module (weights in x's dtype)."""
-    for slot, rows in args.segments.row_groups(x.device).items():
+def _groups(args: LoraArgs, arena: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    """Yield ``(rows, mat, A, B^T, g)`` per slot that has tokens and this module (weights in ``dtype``)."""
+    for slot, rows in args.segments.row_groups(device).items():
         mat = args.mats[slot]
         if mat is not None:
-            yield (rows, mat, *args.weights(arena, slot, x.dtype))
+            yield (rows, mat, *args.weights(arena, slot, dtype))
 
 
-def lora_shrink_ref(x: torch.Tensor, arena: torch.Tensor, args: LoraArgs) -> torch.Tensor:
+def lora_shrink_ref(x: torch.Tensor, arena: torch.Tensor, args: LoraArgs,
+                    gather: bool = False) -> torch.Tensor:
     """``x [T, K] -> v [T, R]`` with ``v[t, :r_a] = x[t] @ A_a.T``, zeros elsewhere; ``R = args.max_rank``.
 
     ``arena [num_pages, page_elems]`` holds the pages; one matmul per slot, at that slot's rank.
+    ``gather``: ``x [T]`` holds token ids and ``v[t, :r_a] = A_a.T[x[t]]`` (a one-hot ``x[t]``).
     """
+    if gather:
+        v = arena.new_zeros(x.shape[0], args.max_rank)
+        for rows, mat, a, _, _ in _groups(args, arena, x.device, arena.dtype):
+            v[rows, : mat.rank] = a.t()[x[rows].long()]
+        return v
     v = x.new_zeros(x.shape[0], args.max_rank)
-    for rows, mat, a, _ in _groups(args, arena, x):
+    for rows, mat, a, _, _ in _groups(args, arena, x.device, x.dtype):
         if isinstance(rows, slice):
             v[rows, : mat.rank] = x[rows] @ a.T
         else:
@@ -138,15 +161,29 @@ def lora_shrink_ref(x: torch.Tensor, arena: torch.Tensor, args: LoraArgs) -> tor
 
 
 def lora_expand_ref(v: torch.Tensor, arena: torch.Tensor, args: LoraArgs, y: torch.Tensor) -> None:
-    """``y[t] += scale_a * v[t, :r_a] @ B_a.T`` in place for ``v [T, R]``, ``y [T, N]`` (any strides)."""
-    for rows, mat, _, bt in _groups(args, arena, v):
+    """``y[t] += scale_a * v[t, :r_a] @ B_a.T`` in place for ``v [T, R]``, ``y [T, N]`` (any strides);
+    for a DoRA module ``y[t] = g_a * (y[t] + scale_a * v[t, :r_a] @ B_a.T)``; for a full copy
+    ``y[t] = scale_a * v[t, :r_a] @ B_a.T``. Each writes the first ``out_features`` columns."""
+    for rows, mat, _, bt, g in _groups(args, arena, v.device, v.dtype):
         vr = v[rows] if isinstance(rows, slice) else v.index_select(0, rows)
-        _add_rows(y, rows, vr[:, : mat.rank], bt, mat.scale)
+        _add_rows(y[:, : mat.out_features], rows, vr[:, : mat.rank], bt, mat.scale, g, mat.replace)
 
 
-def _add_rows(y: torch.Tensor, rows: Rows, v: torch.Tensor, bt: torch.Tensor, scale: float) -> None:
-    """``y[rows] += scale * v @ bt``; ``v``/``bt`` may be in a wider compute dtype than ``y``."""
-    if isinstance(rows, slice) and v.dtype == y.dtype:
+def _add_rows(y: torch.Tensor, rows: Rows, v: torch.Tensor, bt: torch.Tensor, scale: float,
+              g: torch.Tensor | None = None, replace: bool = False) -> None:
+    """``y[rows] += scale * v @ bt``, or ``y[rows] = g * (y[rows] + scale * v @ bt)`` (DoRA), or
+    ``y[rows] = scale * v @ bt`` (``replace``); ``v``/``bt`` may be in a wider compute dtype than ``y``."""
+    if g is not None or replace:
+        new = scale * (v @ bt)
+        if not replace:
+            cur = y[rows] if isinstance(rows, slice) else y.index_select(0, rows)
+            new = (cur.to(v.dtype) + new) * g.to(v.dtype)
+        new = new.to(y.dtype)
+        if isinstance(rows, slice):
+            y[rows] = new
+        else:
+            y.index_copy_(0, rows, new)
+    elif isinstance(rows, slice) and v.dtype == y.dtype:
         y[rows].addmm_(v, bt, alpha=scale)
     elif isinstance(rows, slice):
         y[rows].add_(v @ bt, alpha=scale)
@@ -157,14 +194,17 @@ def _add_rows(y: torch.Tensor, rows: Rows, v: torch.Tensor, bt: torch.Tensor, sc
 def lora_group_ref(arena: torch.Tensor, segments: LoraSegments, adapters: Sequence[AdapterPageTable],
                    layer: int, group: LoraGroup, x: torch.Tensor, y: torch.Tensor) -> None:
     """``y[t, cols_m] += scale_a * (x[t] @ A_a.T) @ B_a.T`` for each module ``m`` of ``group``, where
-    ``a`` is token ``t``'s adapter (``adapters[slot]``) and ``(A_a, B_a)`` its (layer, m) weights.
+    ``a`` is token ``t``'s adapter (``adapters[slot]``) and ``(A_a, B_a)`` its (layer, m) weights;
+    a DoRA module scales ``y[t, cols_m]`` by its ``g_a`` after the addition (module docstring).
 
-    ``x [T, group.in_features]``; ``y [T, group.out_features]`` (any strides), module ``m`` writing
-    columns ``group.cols[m] : group.cols[m] + group.widths[m]``. Tokens without an adapter, or whose
-    adapter lacks (layer, m), get nothing in those columns.
+    ``x [T, group.in_features]`` (a ``GATHER`` group: token ids ``[T]``); ``y [T, group.out_features]``
+    (any strides), module ``m`` writing columns ``group.cols[m] : group.cols[m] + group.widths[m]``.
+    Tokens without an adapter, or whose adapter lacks (layer, m), get nothing in those columns.
+    ``segments`` are those of ``x``'s rows: for a ``SAMPLES`` group, the step's sample rows.
     """
     for module, col, width in zip(group.modules, group.cols, group.widths, strict=True):
         mats = tuple(a.modules.get((layer, module)) for a in adapters)
         if any(m is not None for m in mats):
             args = LoraArgs(segments, mats, tuple(a.dtype for a in adapters))
-            lora_expand_ref(lora_shrink_ref(x, arena, args), arena, args, y[:, col : col + width])
+            v = lora_shrink_ref(x, arena, args, gather=group.kind == GATHER)
+            lora_expand_ref(v, arena, args, y[:, col : col + width])

@@ -21,12 +21,15 @@ Semantics of ``apply`` (the specification is ``kernels.lora.lora_group_ref``)::
 
 where ``a`` is token ``t``'s adapter and ``(A_a, B_a, scale_a)`` its weights for (layer, m); tokens
 without an adapter, or whose adapter lacks (layer, m), get nothing. ``x [T, group.in_features]``;
-``y [T, group.out_features]`` may be a strided view (a fused projection's output).
+``y [T, group.out_features]`` may be a strided view (a fused projection's output). Per module, a
+DoRA adapter's epilogue then scales the row by its ``g``: ``y[t, cols_m] = g_a * (y + ...)``
+(``y`` holds the base layer's output when ``apply`` is called).
 
-Extending it: a new kind of LoRA site (``embed_tokens``, ``lm_head``) is a new ``LoraGroup`` (and
-module index); an epilogue such as DoRA's per-output-column magnitude is one more field of each
-backend's per-(adapter, layer, module) descriptor, applied where the expand writes ``y``. Neither
-adds a branch at the call sites.
+The model-wide sites are groups too (``ModelConfig.model_groups``): embed_tokens (``group.kind ==
+GATHER``: ``x`` holds the step's token ids, the shrink is a row lookup of ``A.T``) and lm_head
+(``SAMPLES``: ``x`` and ``y`` hold the sample rows, whose adapters are ``prepare_step``'s ``samples``
+segments). DoRA is one more field of each backend's per-(adapter, layer, module) descriptor, a new
+site a new group and module index: neither adds a branch at the call sites.
 """
 
 from __future__ import annotations
@@ -94,5 +97,7 @@ class LoraBackend(ABC):
 
     @abstractmethod
     def prepare_step(self, segments: LoraSegments, adapters: Sequence[AdapterPageTable],
-                     pack: StepPack) -> LoraStep:
-        """This step's LoRA state. ``segments.seg_slots`` index ``adapters``; -1 is no adapter."""
+                     pack: StepPack, samples: LoraSegments | None = None) -> LoraStep:
+        """This step's LoRA state. ``segments.seg_slots`` index ``adapters``; -1 is no adapter.
+        ``samples``: the same for the step's sample rows (the lm_head group's rows); None if the
+        step applies no lm_head LoRA."""

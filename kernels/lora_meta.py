@@ -5,17 +5,19 @@ Everything goes into the step's one upload (kernels/step_buffer.py) as two kinds
 **Adapter blocks** (section ``lora_desc``). Per resident adapter, built once from its page table and
 cached until it is evicted::
 
-    header [num_layers, len(LORA_MODULES), 6]: rank, scale (float32 bits), start of A's page ids,
-                                               start of B^T's page ids   (offsets within the block),
-                                               A's first row in its first page, B^T's likewise
-    page ids of every matrix, A then B^T, module after module
+    header [num_layers, len(KERNEL_MODULES), 10]: rank, scale (float32 bits), start of A's page ids,
+        start of B^T's page ids, start of the DoRA scale's page ids or 0 (offsets within the block),
+        output columns (out_features), replace (1: a full copy, its output replaces the base's),
+        the first stored row of A in its first page, of B^T, of g
+    page ids of every matrix, A then B^T (then g), module after module
 
 ``rank == 0`` means the adapter lacks that (layer, module). A step's blocks are concatenated; the
 kernels find row ``j`` of a matrix at ``arena[page * page_elems + ((row0 + j) % rpp) * row_len]``
 with ``page = block[start + (row0 + j) // rpp]`` and ``rpp = page_elems // row_len``, each adapter
 at its own rank (rows of several matrices share pages: server/adapter_packing.py). (Re-sending
-the blocks every step costs ~4 KB per rank-16 seven-module SmolLM2 adapter; the
-alternative, a device-resident directory of blocks, would need its own allocator.)
+the blocks every step costs ~11 KB of header per SmolLM2 adapter, 30 layers x 9 modules x 10
+words, plus its page ids; the alternative, a device-resident directory of blocks, would need its
+own allocator.)
 
 **Tiles** (section ``lora_tiles``). One work item per tile of an adapter's segment: ``(first row,
 end of the segment, start of the adapter's block)``. A segment of at most ``DECODE_MAX`` tokens
@@ -34,34 +36,40 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.model_config import LORA_MODULES
+from server.model_config import KERNEL_MODULES, MODEL_MODULES
 from server.page_layout import AdapterPageTable
 
-HDR_FIELDS = 6
+HDR_FIELDS = 10
 DECODE_MAX = 4  # segments up to this many tokens use the decode-shaped kernels
 SGMV_BLOCK_M = 16  # tl.dot needs at least 16 rows
-_MODULE_INDEX = {m: i for i, m in enumerate(LORA_MODULES)}
+_MODULE_INDEX = {m: i for i, m in enumerate(KERNEL_MODULES)}
 
 
 @dataclass(frozen=True)
 class AdapterBlock:
     data: np.ndarray  # int32, header then page ids
     max_rank: int
+    model_modules: frozenset[str] = frozenset()  # the model-wide sites (embed_tokens, lm_head) it has
 
 
 def adapter_block(table: AdapterPageTable, num_layers: int) -> AdapterBlock:
     """One adapter's header and page ids (see the module docstring)."""
-    header = np.zeros((num_layers, len(LORA_MODULES), HDR_FIELDS), dtype=np.int32)
+    header = np.zeros((num_layers, len(KERNEL_MODULES), HDR_FIELDS), dtype=np.int32)
     pages: list[int] = []
     start = header.size
     for (layer, module), mat in table.modules.items():
         a_start = start + len(pages)
         pages += mat.a_pages
-        header[layer, _MODULE_INDEX[module]] = (mat.rank, np.float32(mat.scale).view(np.int32), a_start,
-                                                start + len(pages), mat.a_row0, mat.b_row0)
+        b_start = start + len(pages)
         pages += mat.b_pages
+        g_start = start + len(pages) if mat.dora else 0
+        pages += mat.g_pages
+        header[layer, _MODULE_INDEX[module]] = (mat.rank, np.float32(mat.scale).view(np.int32), a_start,
+                                                b_start, g_start, mat.out_features, int(mat.replace),
+                                                mat.a_row0, mat.b_row0, mat.g_row0)
     data = np.concatenate([header.reshape(-1), np.asarray(pages, dtype=np.int32)])
-    return AdapterBlock(data, max((m.rank for m in table.modules.values()), default=0))
+    return AdapterBlock(data, max((m.rank for m in table.modules.values()), default=0),
+                        frozenset(m for _, m in table.modules if m in MODEL_MODULES))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,18 @@
  * where A_j is the row at byte offset ((int64_t *) d.a_rows)[j] of the arena, Bt_j likewise (rows
  * of B transposed), stored as fp32 or, with d.flags & WEIGHTS_BF16, as bf16 (widened to fp32 as
  * they are loaded: a shift). x and y are fp32, or bf16 (xy_bf16: x widened, the delta accumulated
- * in fp32 and added to y with one rounding). The torch reference is kernels/lora.py.
+ * in fp32 and added to y with one rounding). The torch reference is kernels/lora.py:
+ * lora_shrink_ref / lora_expand_ref and lora_group_ref. Three variants per module:
+ *   - DoRA (d.g_rows != 0): the epilogue scales the output, y[t, col_m + n] = g[n] * (y + ...),
+ *     g being the module's scale row in the arena (y holds the base layer's output on entry);
+ *   - gather (embed_tokens): x holds int32 token ids and v[t, j] = A^T[x[t]][j] (A stored
+ *     transposed: a_rows has one offset per token id);
+ *   - replace (a module's full copy): y[t, col_m + n] = scale * sum_j v[t, j] * Bt_j[n], the base
+ *     output dropped.
+ * A module writes its first d.out columns (<= width_m): at lm_head adapters differ in vocabulary.
+ * A row longer than a page (lm_head's B^T and g: vocab-long) is stored as pieces of one page each
+ * (page_bytes / the weights' item size columns), piece-major: piece c of row j is b_rows[c * rank
+ * + j] (server/page_layout.py).
  *
  * Why a C kernel: a decode step with 64 adapters makes ~16,000 tiny per-adapter matmuls through
  * torch (each paying a fixed dispatch cost larger than its arithmetic). Here one call per group
@@ -35,10 +46,13 @@ typedef uint32_t vu __attribute__((vector_size(VW * 4)));
 
 typedef struct {
     int64_t rank;    /* 0: this segment's adapter lacks the module (or no adapter) */
-    int64_t a_rows;  /* address of int64_t[rank]: byte offsets of A's rows in the arena */
-    int64_t b_rows;  /* address of int64_t[rank]: byte offsets of B^T's rows */
+    int64_t a_rows;  /* address of int64_t[rank] (gather: [vocab]): byte offsets of A's rows in the arena */
+    int64_t b_rows;  /* address of int64_t[rank * pieces]: byte offsets of B^T's rows */
     double scale;
     int64_t flags;   /* WEIGHTS_BF16: the rows are bf16 (else fp32) */
+    int64_t g_rows;  /* DoRA: address of int64_t[pieces]: byte offsets of the scale row g; 0: none */
+    int64_t out;     /* columns written (the module's out_features) */
+    int64_t replace; /* 1: a full copy, its output replaces y's */
 } Desc;
 
 /* VW weights from element i of a row of fp32 or bf16 (wbf16 is a constant at every call site, so
@@ -166,28 +180,111 @@ static inline __attribute__((always_inline)) void expand(const char *arena, cons
         }
 }
 
-/* One tile (nt <= TILE tokens of one segment) of one module into fp32 rows ys (already offset to
- * the module's first column). */
-static void tile(const char *arena, const Desc *d, int64_t K, int64_t N, int nt, const float *const xs[TILE],
-                 float *const ys[TILE], float *v) {
-    const int64_t *ar = (const int64_t *)(intptr_t)d->a_rows;
+/* v[i * r + j] = scale * A^T[ids[i]][j]: a gather shrink (embed_tokens) is a row lookup. */
+static void gather(const char *arena, const int64_t *ar, int64_t r, float sc, int nt, const int32_t *ids,
+                   float *v, int wbf16) {
+    for (int i = 0; i < nt; i++) {
+        const char *row = arena + ar[ids[i]];
+        for (int64_t j = 0; j < r; j++) v[i * r + j] = wload1(row, j, wbf16) * sc;
+    }
+}
+
+/* Columns of piece c of an output of width N cut into pieces of cw: [c * cw, c * cw + *n). */
+static inline int64_t piece(int64_t c, int64_t cw, int64_t N, int64_t *n) {
+    *n = N - c * cw < cw ? N - c * cw : cw;
+    return c * cw;
+}
+
+/* DoRA's epilogue: y_i[k] *= g[k] for the tile's rows. */
+static void scale_rows(float *const ys[TILE], int nt, const void *g, int64_t n, int wbf16) {
+    for (int i = 0; i < nt; i++)
+        for (int64_t k = 0; k < n; k++) ys[i][k] *= wload1(g, k, wbf16);
+}
+
+static void zero_rows(float *const ys[TILE], int nt, int64_t n) {
+    for (int i = 0; i < nt; i++) memset(ys[i], 0, sizeof(float) * (size_t)n);
+}
+
+/* Piece c's output columns of one module: ys[i] += B^T piece c (then, in_place, the epilogue:
+ * replace starts from zero, DoRA scales by g). */
+static inline __attribute__((always_inline)) void expand_piece(const char *arena, const Desc *d, int64_t c,
+                                                               int64_t n, int nt, const float *v,
+                                                               float *const ys[TILE], int in_place, int wbf16) {
     const int64_t *br = (const int64_t *)(intptr_t)d->b_rows;
-    if (d->flags & WEIGHTS_BF16) {
-        shrink(arena, ar, d->rank, (float)d->scale, K, nt, xs, v, 1);
-        expand(arena, br, d->rank, N, nt, v, ys, 1);
-    } else {
-        shrink(arena, ar, d->rank, (float)d->scale, K, nt, xs, v, 0);
-        expand(arena, br, d->rank, N, nt, v, ys, 0);
+    const int64_t *gr = (const int64_t *)(intptr_t)d->g_rows;
+    if (in_place && d->replace) zero_rows(ys, nt, n);
+    expand(arena, br + c * d->rank, d->rank, n, nt, v, ys, wbf16);
+    if (in_place && gr) scale_rows(ys, nt, arena + gr[c], n, wbf16);
+}
+
+/* One tile (nt <= TILE tokens of one segment) of one module into fp32 rows ys (already offset to
+ * the module's first column). in_place: ys is y itself, holding the base output (the epilogue is
+ * applied here); else ys is a zeroed delta and the caller applies it (finish_bf16). ids: the
+ * tile's token ids for a gather, else NULL. */
+static void tile(const char *arena, const Desc *d, int64_t K, int64_t N, int64_t page_bytes, int nt,
+                 const float *const xs[TILE], const int32_t *ids, float *const ys[TILE], float *v,
+                 int in_place) {
+    const int wbf16 = (d->flags & WEIGHTS_BF16) != 0;
+    const int64_t *ar = (const int64_t *)(intptr_t)d->a_rows;
+    const int64_t r = d->rank, cap = page_bytes / (wbf16 ? 2 : 4), cw = N > cap ? cap : N;
+    const float sc = (float)d->scale;
+    if (ids)
+        gather(arena, ar, r, sc, nt, ids, v, wbf16);
+    else if (wbf16)
+        shrink(arena, ar, r, sc, K, nt, xs, v, 1);
+    else
+        shrink(arena, ar, r, sc, K, nt, xs, v, 0);
+    if (cw == N) { /* rows within a page (all but lm_head): no piece loop around the expand */
+        if (wbf16)
+            expand_piece(arena, d, 0, N, nt, v, ys, in_place, 1);
+        else
+            expand_piece(arena, d, 0, N, nt, v, ys, in_place, 0);
+        return;
+    }
+    for (int64_t c = 0; c * cw < N; c++) { /* rows in pieces (lm_head) */
+        int64_t n;
+        const int64_t n0 = piece(c, cw, N, &n);
+        float *yc[TILE];
+        for (int i = 0; i < nt; i++) yc[i] = ys[i] + n0;
+        if (wbf16)
+            expand_piece(arena, d, c, n, nt, v, yc, in_place, 1);
+        else
+            expand_piece(arena, d, c, n, nt, v, yc, in_place, 0);
+    }
+}
+
+/* bf16 y: y = round((y + delta) * g) with delta in acc (fp32, TILE rows of N), y dropped for a full
+ * copy and g only for DoRA: one rounding, as lora_group_ref. */
+static void finish_bf16(const char *arena, const Desc *d, int64_t N, int64_t page_bytes, int nt,
+                        const float *acc, uint16_t *const yb[TILE]) {
+    const int wbf16 = (d->flags & WEIGHTS_BF16) != 0;
+    const int64_t *gr = (const int64_t *)(intptr_t)d->g_rows;
+    const int64_t cap = page_bytes / (wbf16 ? 2 : 4), cw = N > cap ? cap : N;
+    for (int64_t c = 0; c * cw < N; c++) {
+        int64_t n;
+        const int64_t n0 = piece(c, cw, N, &n);
+        const char *g = gr ? arena + gr[c] : NULL;
+        for (int i = 0; i < nt; i++) {
+            const float *ai = acc + i * N + n0;
+            uint16_t *yi = yb[i] + n0;
+            for (int64_t k = 0; k < n; k++) {
+                float s = d->replace ? ai[k] : bf2f(yi[k]) + ai[k];
+                yi[k] = f2bf(g ? s * wload1(g, k, wbf16) : s);
+            }
+        }
     }
 }
 
 /* One work item: tokens t0 .. t0 + nt of a segment, every module of the group. With bf16 x/y, x is
- * widened into xbuf and each module's delta is summed in acc (fp32, zeroed) and added to y once. */
-static void item(int xy_bf16, const char *arena, const void *x, int64_t ldx, void *y, int64_t ldy, int64_t K,
-                 const Desc *seg_desc, int64_t nmod, const int64_t *mods, const int64_t *cols,
-                 const int64_t *widths, int64_t t0, int nt, float *v, float *xbuf, float *acc) {
-    const float *xs[TILE];
-    for (int i = 0; i < nt; i++) {
+ * widened into xbuf and each module's delta is summed in acc (fp32, zeroed) and added to y once.
+ * gather: x holds int32 token ids. */
+static void item(int xy_bf16, int gather_ids, const char *arena, const void *x, int64_t ldx, void *y,
+                 int64_t ldy, int64_t K, int64_t page_bytes, const Desc *seg_desc, int64_t nmod,
+                 const int64_t *mods, const int64_t *cols, const int64_t *widths, int64_t t0, int nt,
+                 float *v, float *xbuf, float *acc) {
+    const float *xs[TILE] = {0};
+    const int32_t *ids = gather_ids ? (const int32_t *)x + t0 : NULL;
+    for (int i = 0; i < nt && !ids; i++) {
         if (xy_bf16) {
             const uint16_t *xr = (const uint16_t *)x + (t0 + i) * ldx;
             for (int64_t k = 0; k < K; k++) xbuf[i * K + k] = bf2f(xr[k]);
@@ -199,30 +296,32 @@ static void item(int xy_bf16, const char *arena, const void *x, int64_t ldx, voi
     for (int64_t m = 0; m < nmod; m++) {
         const Desc *d = seg_desc + mods[m];
         if (d->rank <= 0) continue;
-        const int64_t N = widths[m];
+        const int64_t N = d->out < widths[m] ? d->out : widths[m];
         float *ys[TILE];
         if (!xy_bf16) {
             for (int i = 0; i < nt; i++) ys[i] = (float *)y + (t0 + i) * ldy + cols[m];
-            tile(arena, d, K, N, nt, xs, ys, v);
+            tile(arena, d, K, N, page_bytes, nt, xs, ids, ys, v, 1);
             continue;
         }
+        uint16_t *yb[TILE];
         memset(acc, 0, sizeof(float) * (size_t)(nt * N));
-        for (int i = 0; i < nt; i++) ys[i] = acc + i * N;
-        tile(arena, d, K, N, nt, xs, ys, v);
         for (int i = 0; i < nt; i++) {
-            uint16_t *yr = (uint16_t *)y + (t0 + i) * ldy + cols[m];
-            for (int64_t n = 0; n < N; n++) yr[n] = f2bf(bf2f(yr[n]) + acc[i * N + n]);
+            ys[i] = acc + i * N;
+            yb[i] = (uint16_t *)y + (t0 + i) * ldy + cols[m];
         }
+        tile(arena, d, K, N, page_bytes, nt, xs, ids, ys, v, 0);
+        finish_bf16(arena, d, N, page_bytes, nt, acc, yb);
     }
 }
 
 /* Returns 0, or -1 if memory for the work list could not be allocated.
- * xy_bf16: x and y are bf16 (else fp32). x: [T, K] rows ldx apart; y: rows ldy apart.
- * seg_starts: int64[nseg + 1]; desc: Desc[nseg * desc_stride]; mods, cols, widths: int64[nmod]. */
+ * xy_bf16: x and y are bf16 (else fp32). x: [T, K] rows ldx apart (gather: int32[T] token ids);
+ * y: rows ldy apart. seg_starts: int64[nseg + 1]; desc: Desc[nseg * desc_stride]; mods, cols,
+ * widths: int64[nmod]. page_bytes: a page's bytes (the longest stored row). */
 int lora_group(int xy_bf16, const void *arena, const void *x, int64_t ldx, void *y, int64_t ldy,
                int64_t K, int64_t nseg, const int64_t *seg_starts, const Desc *desc,
                int64_t desc_stride, int64_t nmod, const int64_t *mods, const int64_t *cols,
-               const int64_t *widths, int num_threads) {
+               const int64_t *widths, int num_threads, int gather_ids, int64_t page_bytes) {
     int64_t nitems = 0;
     for (int64_t s = 0; s < nseg; s++) nitems += (seg_starts[s + 1] - seg_starts[s] + TILE - 1) / TILE;
     if (nitems == 0) return 0;
@@ -253,8 +352,8 @@ int lora_group(int xy_bf16, const void *arena, const void *x, int64_t ldx, void 
     {
         float *v = malloc(sizeof(float) * (size_t)(TILE * max_rank));
         float *acc = xy_bf16 ? malloc(sizeof(float) * (size_t)(TILE * max_n)) : NULL;
-        float *xbuf = xy_bf16 ? malloc(sizeof(float) * (size_t)(TILE * K)) : NULL;
-        int ok = v && (!xy_bf16 || (acc && xbuf));
+        float *xbuf = xy_bf16 && !gather_ids ? malloc(sizeof(float) * (size_t)(TILE * K)) : NULL;
+        int ok = v && (!xy_bf16 || (acc && (xbuf || gather_ids)));
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -265,8 +364,8 @@ int lora_group(int xy_bf16, const void *arena, const void *x, int64_t ldx, void 
             const int64_t s = items[2 * it], t0 = items[2 * it + 1];
             const int64_t end = seg_starts[s + 1];
             const int nt = (int)(end - t0 < TILE ? end - t0 : TILE);
-            item(xy_bf16, (const char *)arena, x, ldx, y, ldy, K, desc + s * desc_stride, nmod, mods, cols, widths,
-                 t0, nt, v, xbuf, acc);
+            item(xy_bf16, gather_ids, (const char *)arena, x, ldx, y, ldy, K, page_bytes, desc + s * desc_stride,
+                 nmod, mods, cols, widths, t0, nt, v, xbuf, acc);
         }
         free(v);
         free(acc);

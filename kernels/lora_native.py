@@ -6,12 +6,13 @@ adapter of the step and reads the rows in place from the pages (no gathered copy
 
 Tables: per resident adapter, ``AdapterRows`` holds the byte offsets of every row of every (layer,
 module) matrix in the arena and a descriptor per (layer, module): ``(rank, address of the A row
-offsets, address of the B^T row offsets, scale, flags)``, the C struct ``Desc``; the flags say
-whether the adapter's rows are bf16 (an adapter stored in bf16 in an fp32 model: half the bytes to
-stream per step, widened to fp32 as they are loaded). Built once when the adapter is first used
-(pure arithmetic on its page table) and dropped when it is evicted. Per step, ``NativeStep`` stacks
-the descriptors of each segment's adapter into ``[L, S, M, 5]``. Everything here is host memory:
-there is nothing to upload.
+offsets, address of the B^T row offsets, scale, flags, address of the DoRA scale row's offsets or
+0, output columns, replace)``, the C struct ``Desc``; the flags say whether the adapter's rows are
+bf16 (an adapter stored in bf16 in an fp32 model: half the bytes to stream per step, widened to
+fp32 as they are loaded). Built once when the adapter is first used (pure arithmetic on its page
+table) and dropped when it is evicted. Per step, ``NativeStep`` stacks the descriptors of each
+segment's adapter into ``[L, S, M, 8]`` (and of each sample segment, for the lm_head group).
+Everything here is host memory: there is nothing to upload.
 """
 
 from __future__ import annotations
@@ -22,20 +23,29 @@ import torch
 
 from kernels.lora import LoraSegments
 from kernels.lora_backend import LoraBackend, LoraStep
-from kernels.lora_pages import AdapterWeights, Matrix, adapter_matrices, storage_dtype, storage_view
+from kernels.lora_pages import (
+    AdapterWeights,
+    Matrix,
+    adapter_matrices,
+    storage_dtype,
+    storage_view,
+    to_stored,
+)
 from kernels.native_lib import library
 from kernels.step_buffer import StepPack
-from server.model_config import LORA_MODULES, LoraGroup
-from server.page_layout import AdapterPageTable, PageLayout
+from server.model_config import GATHER, KERNEL_MODULES, MODEL_MODULES, SAMPLES, LoraGroup
+from server.page_layout import AdapterPageTable, PageLayout, stored_shape
 
-MODULE_INDEX = {m: i for i, m in enumerate(LORA_MODULES)}  # a descriptor's index on its module axis
+MODULE_INDEX = {m: i for i, m in enumerate(KERNEL_MODULES)}  # a descriptor's index on its module axis
+MODULES = len(KERNEL_MODULES)
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # of the arena, x and y, and of adapters' rows
-DESC_FIELDS = 5  # rank, a_rows address, b_rows address, scale (float64 bits), flags
+# rank, a_rows address, b_rows address, scale (float64 bits), flags, g_rows address (or 0), out, replace
+DESC_FIELDS = 8
 WEIGHTS_BF16 = 1  # flags: the adapter's rows are bf16
 
 
 class AdapterRows:
-    """One adapter's row offsets and descriptors ``[num_layers, len(LORA_MODULES), DESC_FIELDS]`` (int64)."""
+    """One adapter's row offsets and descriptors ``[num_layers, len(KERNEL_MODULES), DESC_FIELDS]``."""
 
     def __init__(self, table: AdapterPageTable, num_layers: int, arena: torch.Tensor) -> None:
         view = storage_view(arena, table.dtype)
@@ -43,21 +53,27 @@ class AdapterRows:
         offsets: list[int] = []
         spans: dict[tuple[int, str], tuple[int, int, int]] = {}
         for key, mat in table.modules.items():
-            first_a = len(offsets)
-            offsets += _row_offsets(mat.a_pages, mat.a_row0, mat.rank, mat.in_features, elems, item)
-            first_b = len(offsets)
-            offsets += _row_offsets(mat.b_pages, mat.b_row0, mat.rank, mat.out_features, elems, item)
-            spans[key] = (mat.rank, first_a, first_b)
+            starts = []
+            g_shape = (1, mat.out_features) if mat.dora else None
+            for pages, row0, shape in ((mat.a_pages, mat.a_row0, mat.a_shape),
+                                       (mat.b_pages, mat.b_row0, (mat.rank, mat.out_features)),
+                                       (mat.g_pages, mat.g_row0, g_shape)):
+                starts.append(len(offsets) if shape else -1)
+                if shape:
+                    offsets += _row_offsets(pages, row0, *stored_shape(*shape, elems), elems, item)
+            spans[key] = tuple(starts)
         self.rows = torch.tensor(offsets or [0], dtype=torch.int64)
+        self.model_modules = {m for _, m in table.modules if m in MODEL_MODULES}
         base, size = self.rows.data_ptr(), self.rows.element_size()
         flags = WEIGHTS_BF16 if view.dtype == torch.bfloat16 else 0
-        desc = torch.zeros(num_layers, len(LORA_MODULES), DESC_FIELDS, dtype=torch.int64)
-        scales = torch.zeros(num_layers, len(LORA_MODULES), dtype=torch.float64)
-        for (layer, module), (rank, first_a, first_b) in spans.items():
-            m = MODULE_INDEX[module]
-            desc[layer, m, :3] = torch.tensor([rank, base + first_a * size, base + first_b * size])
-            desc[layer, m, 4] = flags
-            scales[layer, m] = table.modules[(layer, module)].scale
+        desc = torch.zeros(num_layers, MODULES, DESC_FIELDS, dtype=torch.int64)
+        scales = torch.zeros(num_layers, MODULES, dtype=torch.float64)
+        for (layer, module), (first_a, first_b, first_g) in spans.items():
+            m, mat = MODULE_INDEX[module], table.modules[(layer, module)]
+            g_rows = base + first_g * size if first_g >= 0 else 0
+            desc[layer, m] = torch.tensor([mat.rank, base + first_a * size, base + first_b * size, 0, flags,
+                                           g_rows, mat.out_features, int(mat.replace)])
+            scales[layer, m] = mat.scale
         desc[:, :, 3] = scales.view(torch.int64)
         self.desc = desc
 
@@ -74,7 +90,7 @@ def _row_offsets(pages: tuple[int, ...], row0: int, rank: int, row_len: int, ele
 
 def write_adapter_rows(arena: torch.Tensor, matrices: list[Matrix]) -> None:
     """Copy each ``rows [r, row_len]`` into ``arena`` (a storage view ``[num_pages, elems]``) at its
-    pages from its ``row0`` (layout: server/page_layout.py).
+    pages from its ``row0`` (layout: server/page_layout.py; rows longer than a page are cut first).
 
     Same result as ``write_matrix_rows`` per matrix, in one kernel call; rows are cast to the
     arena's dtype first. Unused page tails are left as they are: no reader looks past a matrix's
@@ -87,8 +103,8 @@ def write_adapter_rows(arena: torch.Tensor, matrices: list[Matrix]) -> None:
     item, elems, limit = arena.element_size(), arena.shape[1], arena.numel() * arena.element_size()
     keep, dsts, srcs, lens = [], [], [], []
     for rows, pages, row0 in matrices:
-        num_rows, row_len = rows.shape
-        src = rows.to(arena.dtype).contiguous()
+        src = to_stored(rows, elems).to(arena.dtype).contiguous()
+        num_rows, row_len = src.shape
         keep.append(src)
         offsets = _row_offsets(pages, row0, num_rows, row_len, elems, item)
         if num_rows and (min(pages) < 0 or offsets[-1] + row_len * item > limit):
@@ -102,33 +118,49 @@ def write_adapter_rows(arena: torch.Tensor, matrices: list[Matrix]) -> None:
                       torch.get_num_threads())
 
 
-class NativeStep(LoraStep):
-    """One step's descriptors ``[num_layers, num_segments, len(LORA_MODULES), DESC_FIELDS]`` and segments."""
+class _Rows:
+    """One set of a step's rows (its tokens, or its sample rows): segments and stacked descriptors
+    ``[num_layers, num_segments, len(KERNEL_MODULES), DESC_FIELDS]``."""
 
-    def __init__(self, backend: NativeLoraBackend, seg_starts: tuple[int, ...],
-                 rows: list[AdapterRows | None]) -> None:
-        none = torch.zeros(backend.layout.num_layers, len(LORA_MODULES), DESC_FIELDS, dtype=torch.int64)
-        self.backend = backend
+    def __init__(self, num_layers: int, seg_starts: tuple[int, ...], rows: list[AdapterRows | None]) -> None:
+        none = torch.zeros(num_layers, MODULES, DESC_FIELDS, dtype=torch.int64)
         self.keep = rows  # the row tables the descriptors point into stay alive with the step
         self.desc = torch.stack([none if r is None else r.desc for r in rows], dim=1).contiguous()
         self.seg_starts = torch.tensor(seg_starts, dtype=torch.int64)
         self.num_segments = len(rows)
         self.num_tokens = seg_starts[-1]
+        self.model_modules = set().union(*(r.model_modules for r in rows if r is not None))
+
+
+class NativeStep(LoraStep):
+    """One step's rows: its tokens' segments and, for the lm_head group, its sample rows'."""
+
+    def __init__(self, backend: NativeLoraBackend, tokens: _Rows, samples: _Rows | None) -> None:
+        self.backend = backend
+        self.tokens = tokens
+        self.samples = samples
 
     def apply(self, layer: int, group: LoraGroup, x: torch.Tensor, y: torch.Tensor) -> None:
-        """``y[t, cols_m] += scale * (x[t] @ A_m.T) @ B_m.T`` for each module of the group, every token."""
+        """``y[t, cols_m] += scale * (x[t] @ A_m.T) @ B_m.T`` for each module of the group, every token
+        (DoRA modules: then scaled by g; a gather group: ``x`` holds int32 token ids)."""
+        rows = self.samples if group.kind == SAMPLES else self.tokens
+        if rows is None or (group.modules[0] in MODEL_MODULES and group.modules[0] not in rows.model_modules):
+            return
         arena, lib = self.backend.arena, self.backend.lib
-        if x.dtype != arena.dtype or y.dtype != arena.dtype or x.stride(1) != 1 or y.stride(1) != 1:
-            raise ValueError("x and y need the arena's dtype and unit column stride")
-        if x.shape[0] != self.num_tokens or y.shape[0] != x.shape[0]:
-            raise ValueError(f"x and y must have {self.num_tokens} rows")
+        gather = group.kind == GATHER
+        x_ok = x.dtype == torch.int32 and x.dim() == 1 if gather else x.dtype == arena.dtype
+        if not x_ok or y.dtype != arena.dtype or x.stride(-1) != 1 or y.stride(1) != 1:
+            raise ValueError("x and y need the arena's dtype (token ids: int32) and unit column stride")
+        if x.shape[0] != rows.num_tokens or y.shape[0] != x.shape[0]:
+            raise ValueError(f"x and y must have {rows.num_tokens} rows")
         mods, cols, wid = self.backend.group_arrays(group)
-        per_layer = self.num_segments * len(LORA_MODULES) * DESC_FIELDS * 8
+        per_layer = rows.num_segments * MODULES * DESC_FIELDS * 8
         rc = lib.lora_group(int(arena.dtype == torch.bfloat16), arena.data_ptr(), x.data_ptr(), x.stride(0),
-                            y.data_ptr(), y.stride(0), x.shape[1], self.num_segments,
-                            self.seg_starts.data_ptr(), self.desc.data_ptr() + layer * per_layer,
-                            len(LORA_MODULES), len(group.modules), mods.data_ptr(), cols.data_ptr(),
-                            wid.data_ptr(), torch.get_num_threads())
+                            y.data_ptr(), y.stride(0), group.in_features, rows.num_segments,
+                            rows.seg_starts.data_ptr(), rows.desc.data_ptr() + layer * per_layer,
+                            MODULES, len(group.modules), mods.data_ptr(), cols.data_ptr(),
+                            wid.data_ptr(), torch.get_num_threads(), int(gather),
+                            arena.shape[1] * arena.element_size())
         if rc != 0:
             raise MemoryError("CPU LoRA kernel: out of memory for its work buffers")
 
@@ -178,9 +210,12 @@ class NativeLoraBackend(LoraBackend):
         return hit
 
     def prepare_step(self, segments: LoraSegments, adapters: Sequence[AdapterPageTable],
-                     pack: StepPack) -> LoraStep:
-        rows = [None if slot < 0 else self.adapter_rows(adapters[slot]) for slot in segments.seg_slots]
-        return NativeStep(self, segments.seg_starts, rows)
+                     pack: StepPack, samples: LoraSegments | None = None) -> LoraStep:
+        def rows(seg: LoraSegments) -> _Rows:
+            tables = [None if slot < 0 else self.adapter_rows(adapters[slot]) for slot in seg.seg_slots]
+            return _Rows(self.layout.num_layers, seg.seg_starts, tables)
+
+        return NativeStep(self, rows(segments), None if samples is None else rows(samples))
 
     def __contains__(self, uid: int) -> bool:
         return uid in self._rows

@@ -96,7 +96,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     """Argument and return types of every exported function (ctypes would guess int otherwise)."""
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     sigs = {
-        "lora_group": (i32, [i32, p, p, i64, p, i64, i64, i64, p, p, i64, i64, p, p, p, i32]),
+        "lora_group": (i32, [i32, p, p, i64, p, i64, i64, i64, p, p, i64, i64, p, p, p, i32, i32, i64]),
         "copy_rows": (None, [p, i64, p, p, p, i32]),
         "add_rms_norm": (i32, [i32, p, i64, p, i64, p, p, i64, i64, i64, f32, i32]),
         "silu_mul": (i32, [i32, p, i64, p, i64, i64, i64, i32]),

@@ -37,8 +37,8 @@ class PageWriter:
         self._inflight: dict[int, tuple[torch.cuda.Event, torch.Tensor]] = {}
 
     def write(self, table: AdapterPageTable, weights: AdapterWeights) -> None:
-        """Copy an adapter's ``A`` rows and ``B^T`` rows into its pages (layout: server/page_layout.py),
-        in its storage dtype."""
+        """Copy an adapter's rows (``A`` or ``A.T``, ``B^T``, DoRA's ``g``) into its pages (layout:
+        server/page_layout.py), in its storage dtype."""
         arena = storage_view(self.arena, table.dtype)
         elems = arena.shape[1]
         ids = table.all_pages()

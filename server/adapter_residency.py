@@ -25,6 +25,15 @@ class ModuleSpec:
     scale: float
     in_features: int
     out_features: int
+    dora: bool = False  # one more matrix: the DoRA scale, one row of out_features
+    a_transposed: bool = False  # embed_tokens: A stored as in_features rows of rank
+    replace: bool = False  # a full copy of the module (its output replaces the base's)
+
+    @property
+    def matrices(self) -> tuple[tuple[int, int], ...]:
+        """``(rows, row length)`` of each matrix as written: A (or A.T), B^T, and DoRA's scale."""
+        a = (self.in_features, self.rank) if self.a_transposed else (self.rank, self.in_features)
+        return (a, (self.rank, self.out_features), *(((1, self.out_features),) if self.dora else ()))
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,12 @@ class AdapterSpec:
 
     def pages_needed(self, layout: PageLayout) -> int:
         return self.packing(layout).num_pages
+
+    def vocab(self, base: int) -> int:
+        """Token ids its requests may use: more than the base's ``base`` if its embedding is a full
+        copy with added tokens (embed_tokens is keyed ``(0, "embed_tokens")``)."""
+        embed = self.modules.get((0, "embed_tokens"))
+        return max(base, embed.in_features) if embed is not None else base
 
 
 class AdapterResidency:

@@ -42,31 +42,18 @@ from adapter_store.peft_format import WEIGHTS_NAME, LoraWeights, ParsedAdapter, 
 from adapter_store.refs import RefKey, StoredAdapterMeta, Tombstone, is_valid_adapter_id
 from adapter_store.store import AdapterStore
 from server.adapter_failures import FailureCounts, LoadFailure, TooLargeHere, failure_after
-from server.adapter_residency import AdapterSpec, ModuleSpec
+from server.adapter_prep import prepare_for_base
+from server.adapter_residency import AdapterSpec
+from server.adapter_specs import spec_from_config, spec_from_parsed
+from server.adapter_storage import AdapterStorage
+from server.adapter_tokenizers import AdapterTokenizers
+from server.dora import BaseWeights
 from server.errors import AdapterTooLarge, AdapterUnavailable, UnknownAdapter
 from server.model_config import ModelConfig
 from server.page_layout import PageLayout
+from server.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AdapterStorage:
-    """How an adapter's rows are stored in the pool (``EngineConfig.adapter_dtype``): the model
-    dtype, or bf16 where the LoRA backend reads bf16 rows and the adapter's weights are bf16 (``auto``:
-    lossless) or the user asked for it (``bfloat16``)."""
-
-    mode: str  # auto | model | bfloat16
-    model_dtype: torch.dtype
-    readable: tuple[torch.dtype, ...]  # by the LoRA backend
-
-    def dtype_for(self, parsed: ParsedAdapter) -> str | None:
-        """The storage dtype's name, or None for the model's own."""
-        if self.mode == "model" or self.model_dtype == torch.bfloat16 or torch.bfloat16 not in self.readable:
-            return None
-        if self.mode == "bfloat16" or parsed.source_dtype == torch.bfloat16:
-            return "bfloat16"
-        return None
 
 
 @dataclass(eq=False)
@@ -84,12 +71,13 @@ class AdapterRef:
 
 class AdapterManager:
     def __init__(self, store: AdapterStore, model: ModelConfig, layout: PageLayout, num_pages: int,
-                 host_cache_bytes: int, max_rank: int, dtype: torch.dtype,
+                 host_cache_bytes: int, max_rank: int, dtype: torch.dtype, base: BaseWeights,
                  storage: AdapterStorage | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.storage = storage or AdapterStorage("model", dtype, (dtype,))
         self.model = model
+        self.base = base  # DoRA's weight norms and the check of embedding copies (server/dora.py)
         self.layout = layout
         self.num_pages = num_pages
         self.max_rank = max_rank
@@ -105,6 +93,7 @@ class AdapterManager:
         # can't leave its uid behind (which would block every later load of it)
         self._loading: set[int] = set()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
+        self.tokenizers = AdapterTokenizers(model)
         # Called (on the loader thread) when an adapter reaches host memory, so an engine loop
         # that is idling on requests waiting for it can wake at once.
         self.on_loaded: Callable[[], None] = lambda: None
@@ -136,23 +125,31 @@ class AdapterManager:
                 return self._by_name.get(adapter_id)
             return self._apply(adapter_id, *(found or (None, None)))
 
-    def _apply(self, adapter_id: str, key: RefKey | None,
-               record: StoredAdapterMeta | Tombstone | None) -> AdapterRef | None:
+    def _apply(self, adapter_id: str, key: RefKey | None, record: StoredAdapterMeta | Tombstone | None,
+               parsed: ParsedAdapter | None = None) -> AdapterRef | None:
+        """Under ``_sync_lock`` (the only writer of ``_by_name``). A new registration gets its shape
+        before it is visible: from ``parsed`` if the weights were just read, else from its config."""
+        live = record if isinstance(record, StoredAdapterMeta) else None
+        ref = None
+        current = self._by_name.get(adapter_id)
+        if live is not None and (current is None or current.meta != live):
+            ref = AdapterRef(adapter_id, next(self._uids), self.store.version_path(live.version), live)
+            # file reads (config, header) outside _lock: the engine thread never waits on them
+            ref.spec = (self._spec(ref.uid, adapter_id, parsed) if parsed
+                        else spec_from_config(ref.uid, adapter_id, ref.path, self.model))
         with self._lock:
             if key is None:
                 self._seen.pop(adapter_id, None)
             else:
                 self._seen[adapter_id] = key
             current = self._by_name.get(adapter_id)
-            live = record if isinstance(record, StoredAdapterMeta) else None
             if current is not None and current.meta == live:
                 return current
             if current is not None:
                 del self._by_name[adapter_id]
                 self._retire(current)
-            if live is None:
+            if ref is None:
                 return None
-            ref = AdapterRef(adapter_id, next(self._uids), self.store.version_path(live.version), live)
             self._by_name[adapter_id] = ref
             self._by_uid[ref.uid] = ref
             return ref
@@ -166,15 +163,16 @@ class AdapterManager:
     def add(self, adapter_id: str, source: Mapping[str, bytes] | Path, replace: bool = False) -> AdapterRef:
         """Validate against the base model and the pool, store atomically, register with a new uid."""
         with self.store.stage(adapter_id, source, replace=replace) as staged:
-            parsed = load_peft_adapter(staged.path, self.model, self.max_rank, self.dtype)
-            too_large = self._too_large(parsed, self._spec(0, adapter_id, parsed))
+            parsed = self.parse(staged.path)
+            spec = self._spec(0, adapter_id, parsed)
+            self.tokenizers.check(staged.path, spec.vocab(self.model.vocab_size))
+            too_large = self._too_large(parsed, spec)
             if too_large:
                 raise AdapterTooLarge(f"adapter {adapter_id!r} {too_large}")
             with self._sync_lock:
                 key, meta = self.store.commit(staged, replace=replace)
-                ref = self._apply(adapter_id, key, meta)
+                ref = self._apply(adapter_id, key, meta, parsed)
                 assert ref is not None
-                ref.spec = self._spec(ref.uid, adapter_id, parsed)
                 self.host.put(ref.uid, parsed)
         return ref
 
@@ -199,6 +197,7 @@ class AdapterManager:
 
     def _drop(self, ref: AdapterRef) -> None:
         self._by_uid.pop(ref.uid, None)
+        self.tokenizers.drop(ref.uid)
         self.host.pop(ref.uid)
         self.retired.append(ref.uid)
 
@@ -214,6 +213,10 @@ class AdapterManager:
         if ref is None:
             raise UnknownAdapter(adapter_id, known=self.names())
         return ref
+
+    def tokenizer(self, ref: AdapterRef) -> Tokenizer | None:
+        """The tokenizer saved with the adapter, or None if it has none (server/adapter_tokenizers.py)."""
+        return self.tokenizers.get(ref.uid, ref.adapter_id, ref.path)
 
     def acquire(self, adapter_id: str) -> AdapterRef:
         """Resolve and count a request in: the request is bound to this registration's version."""
@@ -343,8 +346,7 @@ class AdapterManager:
 
     def _read(self, ref: AdapterRef) -> ParsedAdapter:
         digests = verify_version(ref.path)
-        return load_peft_adapter(ref.path, self.model, self.max_rank, self.dtype,
-                                 checksum=digests[WEIGHTS_NAME])
+        return self.parse(ref.path, checksum=digests[WEIGHTS_NAME])
 
     def _too_large(self, parsed: ParsedAdapter, spec: AdapterSpec) -> str | None:
         """Why this server can never hold the adapter (None: it can). Host memory must hold it whole:
@@ -358,10 +360,13 @@ class AdapterManager:
         return None
 
     def _spec(self, uid: int, name: str, parsed: ParsedAdapter) -> AdapterSpec:
-        shapes = self.model.linear_shapes()
-        return AdapterSpec(uid=uid, name=name, modules={
-            key: ModuleSpec(w.rank, w.scale, *shapes[key[1]]) for key, w in parsed.weights.items()
-        }, dtype=self.storage.dtype_for(parsed))
+        return spec_from_parsed(uid, name, parsed, self.storage.dtype_for(parsed))
+
+    def parse(self, path: Path, checksum: str | None = None) -> ParsedAdapter:
+        """Parse a PEFT dir and make it ready for this base model (DoRA scales computed)."""
+        parsed = load_peft_adapter(path, self.model, self.max_rank, self.dtype, checksum=checksum)
+        return prepare_for_base(parsed, self.base)
 
     def shutdown(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
+

@@ -67,6 +67,9 @@ class AsyncEngine:
     def tokenizer(self):  # noqa: ANN201 - server.tokenizer.Tokenizer
         return self.engine.tokenizer
 
+    def tokenizer_for(self, adapter_id: str | None):  # noqa: ANN201 - server.tokenizer.Tokenizer
+        return self.engine.tokenizer_for(adapter_id)
+
     @property
     def model_config(self):  # noqa: ANN201 - server.model_config.ModelConfig
         return self.engine.model_config

@@ -25,6 +25,7 @@ from kernels.attention import AttnMeta
 from kernels.lora import LoraSegments
 from kernels.lora_backend import LoraBackend, LoraStep
 from kernels.step_buffer import StepBuffer, StepPack
+from server.model_config import LM_HEAD, MODEL_LAYER
 from server.page_layout import AdapterPageTable, PageLayout
 from server.scheduler import ScheduledChunk, SchedulerOutput
 
@@ -37,6 +38,7 @@ class StepBatch:
     lora: LoraStep | None
     sample_rows: torch.Tensor  # [S_sample] int32: the last row of each chunk that samples
     sample_request_ids: list[str]  # request id of each sample row, in order
+    vocab: int = 0  # the widest lm_head of the step's adapters (added tokens), 0 if none has one
 
 
 def _adapter_key(c: ScheduledChunk) -> int:
@@ -110,7 +112,7 @@ def build_step(out: SchedulerOutput, layout: PageLayout, buffer: StepBuffer, lor
     pack.add("cu_q_lens", cu)
     pack.add("ctx_lens", ctx)
     pack.add("sample_rows", [r for r, _ in sampling])
-    lora_step = _lora_step(chunks, cu, lora, page_table, pack)
+    lora_step, vocab = _lora_step(chunks, cu, lora, page_table, pack)
     views = buffer.upload(pack)
     if lora_step is not None:
         lora_step.bind(views)
@@ -119,16 +121,19 @@ def build_step(out: SchedulerOutput, layout: PageLayout, buffer: StepBuffer, lor
                     max_ctx_len=int(ctx.max()), host_cu_q_lens=tuple(cu.tolist()),
                     host_ctx_lens=tuple(ctx.tolist()))
     return StepBatch(input_ids=views["input_ids"], positions=views["positions"], attn=attn, lora=lora_step,
-                     sample_rows=views["sample_rows"], sample_request_ids=[rid for _, rid in sampling])
+                     sample_rows=views["sample_rows"], sample_request_ids=[rid for _, rid in sampling],
+                     vocab=vocab)
 
 
 def _lora_step(chunks: list[ScheduledChunk], cu: np.ndarray, lora: LoraBackend,
-               page_table: Callable[[int], AdapterPageTable], pack: StepPack) -> LoraStep | None:
-    """One segment per run of chunks sharing an adapter (they are sorted by adapter)."""
+               page_table: Callable[[int], AdapterPageTable], pack: StepPack) -> tuple[LoraStep | None, int]:
+    """One segment per run of chunks sharing an adapter (they are sorted by adapter); the same over
+    the sample rows (one per chunk that samples, in chunk order) for the lm_head site. Also the
+    widest lm_head of the step's adapters (0 if none has one)."""
     if all(c.adapter_uid is None for c in chunks):
-        return None
-    seg_starts = [0]
-    seg_slots: list[int] = []
+        return None, 0
+    seg_starts, seg_slots = [0], []
+    sample_starts, sample_slots = [0], []
     tables: list[AdapterPageTable] = []
     slot_of: dict[int, int] = {}
     for s, c in enumerate(chunks):
@@ -136,9 +141,19 @@ def _lora_step(chunks: list[ScheduledChunk], cu: np.ndarray, lora: LoraBackend,
         slot = -1 if uid is None else slot_of.setdefault(uid, len(slot_of))
         if uid is not None and slot == len(tables):
             tables.append(page_table(uid))
-        if seg_slots and seg_slots[-1] == slot:
-            seg_starts[-1] = int(cu[s + 1])
-        else:
-            seg_slots.append(slot)
-            seg_starts.append(int(cu[s + 1]))
-    return lora.prepare_step(LoraSegments(tuple(seg_starts), tuple(seg_slots)), tables, pack)
+        _extend(seg_starts, seg_slots, slot, int(cu[s + 1]))
+        if c.sample:
+            _extend(sample_starts, sample_slots, slot, sample_starts[-1] + 1)
+    samples = LoraSegments(tuple(sample_starts), tuple(sample_slots)) if sample_slots else None
+    vocab = max((t.modules[(MODEL_LAYER, LM_HEAD)].out_features for t in tables
+                 if (MODEL_LAYER, LM_HEAD) in t.modules), default=0)
+    return lora.prepare_step(LoraSegments(tuple(seg_starts), tuple(seg_slots)), tables, pack, samples), vocab
+
+
+def _extend(starts: list[int], slots: list[int], slot: int, end: int) -> None:
+    """Rows up to ``end`` belong to ``slot``: grow the last segment if it has that slot."""
+    if slots and slots[-1] == slot:
+        starts[-1] = end
+    else:
+        slots.append(slot)
+        starts.append(end)

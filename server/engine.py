@@ -20,7 +20,8 @@ import torch
 from adapter_store.store import AdapterStore
 from kernels.backend import select_backend
 from server.adapter_info import describe
-from server.adapters import AdapterManager, AdapterRef, AdapterStorage
+from server.adapter_storage import AdapterStorage
+from server.adapters import AdapterManager, AdapterRef
 from server.config import EngineConfig
 from server.engine_types import (
     AdapterInfo,
@@ -41,7 +42,7 @@ from server.runner import ModelRunner, RowContext, Sampled
 from server.sampling import make_generator
 from server.sampling_params import SamplingParams
 from server.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from server.tokenizer import IncrementalDetokenizer
+from server.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class LLMEngine:
         store = AdapterStore(Path(config.adapter_store_dir))
         storage = AdapterStorage(config.adapter_dtype, dtype, self.runner.lora.storage_dtypes)
         self.adapters = AdapterManager(store, mc, self.layout, num_pages, config.host_cache_bytes,
-                                       config.max_lora_rank, dtype, storage)
+                                       config.max_lora_rank, dtype, self.runner.model.base, storage)
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                     config.max_adapters_per_step, config.enable_prefix_caching)
         self.scheduler = Scheduler(sched_cfg, self.pool, self.layout, self.adapters)
@@ -111,7 +112,9 @@ class LLMEngine:
                         adapter_id: str | None = None, request_id: str | None = None) -> PreparedRequest:
         """Everything that can fail, without touching the scheduler: safe on any thread."""
         request_id = request_id or uuid.uuid4().hex
-        self._validate(prompt_token_ids, params, request_id)
+        spec = self.adapters.resolve(adapter_id).spec if adapter_id is not None else None
+        self._validate(prompt_token_ids, params, spec.vocab(self.model_config.vocab_size) if spec else None)
+        tokenizer = self.tokenizer_for(adapter_id)
         ref = self.adapters.acquire(adapter_id) if adapter_id is not None else None
         if ref is not None and (error := self.adapters.failed(ref.uid)) is not None:
             self.adapters.release(ref.uid)  # its last load failed moments ago: fail fast, retry later
@@ -122,11 +125,18 @@ class LLMEngine:
             request_id=request_id, prompt_token_ids=list(prompt_token_ids), params=params,
             arrival=self.scheduler.next_arrival(),
             adapter_uid=ref.uid if ref else None, adapter_name=adapter_id,
-            eos_token_ids=self.tokenizer.eos_token_ids, max_total_tokens=self.max_model_len,
+            eos_token_ids=tokenizer.eos_token_ids, max_total_tokens=self.max_model_len,
         )
-        banned = tuple(self.tokenizer.eos_token_ids) + params.stop_token_ids if params.min_tokens else ()
+        banned = tuple(tokenizer.eos_token_ids) + params.stop_token_ids if params.min_tokens else ()
         row = RowContext(params, make_generator(params.seed, self.runner.device), banned)
-        return PreparedRequest(req, IncrementalDetokenizer(self.tokenizer, stop=params.stop), row)
+        return PreparedRequest(req, IncrementalDetokenizer(tokenizer, stop=params.stop), row)
+
+    def tokenizer_for(self, adapter_id: str | None) -> Tokenizer:
+        """The tokenizer of a request on ``adapter_id``: the one saved with the adapter (added tokens,
+        its chat template), else the base model's."""
+        if adapter_id is None:
+            return self.tokenizer
+        return self.adapters.tokenizer(self.adapters.resolve(adapter_id)) or self.tokenizer
 
     def submit(self, live: PreparedRequest) -> None:
         """Queue a prepared request (engine thread)."""
@@ -138,10 +148,11 @@ class LLMEngine:
         self._live[live.request.request_id] = live
         self.scheduler.add(live.request)
 
-    def _validate(self, prompt: list[int], params: SamplingParams, request_id: str) -> None:
+    def _validate(self, prompt: list[int], params: SamplingParams, vocab: int | None) -> None:
+        """``vocab``: the adapter's vocabulary (added tokens), None for the base model's."""
         if not prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
-        vocab = self.model_config.vocab_size
+        vocab = vocab or self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
         total = len(prompt) + params.max_tokens
@@ -301,7 +312,8 @@ class LLMEngine:
         return self.adapter_info(self.adapters.resolve(adapter_id))
 
     def adapter_info(self, ref: AdapterRef) -> AdapterInfo:
-        return describe(ref, self.scheduler.residency.is_resident(ref.uid), ref.uid in self.adapters.host)
+        return describe(ref, self.scheduler.residency.is_resident(ref.uid), ref.uid in self.adapters.host,
+                         self.layout, self.runner.arena.element_size(), self.model_config.vocab_size)
 
     def drain_load_times(self) -> list[tuple[str, float]]:
         """(tier, seconds) of adapter loads since the last call: "host" = disk -> host memory,

@@ -45,6 +45,26 @@ class StepInfo:
 
 
 @dataclass(frozen=True)
+class AdapterPart:
+    """One part of an adapter's weights as the pool holds them.
+
+    ``name``: ``"layers"`` (LoRA on the layers' linear modules), ``"embed_tokens"``, ``"lm_head"``
+    (LoRA on the embedding / the LM head) or ``"dora_scale"`` (DoRA's per-output scales of every
+    DoRA module). ``bytes``: its weights in its storage dtype; ``pool_bytes``: the page rows they take
+    (parts share the adapter's pages: server/adapter_info.py).
+    ``full_copy``: the part holds a whole embedding / head (``modules_to_save``, or a saved base
+    layer other than the base model's), stored as a module of rank ``hidden`` (+ its LoRA's rank).
+    """
+
+    name: str
+    modules: tuple[str, ...]
+    rank: int  # the largest rank over its modules (0 for dora_scale)
+    bytes: int
+    pool_bytes: int
+    full_copy: bool = False
+
+
+@dataclass(frozen=True)
 class AdapterInfo:
     adapter_id: str
     uid: int  # unique per upload; a re-added name gets a new uid
@@ -56,6 +76,10 @@ class AdapterInfo:
     location: AdapterLocation
     requests_served: int
     created: float
+    use_dora: bool = False
+    parts: tuple[AdapterPart, ...] = ()  # empty if the adapter's config cannot be read
+    pool_bytes: int = 0  # pages it takes in the pool when resident (all parts)
+    vocab_size: int = 0  # token ids its requests may use: the base's, or more with added tokens
 
 
 @dataclass(frozen=True)

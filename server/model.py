@@ -4,7 +4,9 @@ One call computes a whole engine step: prefill chunks and decode tokens of many 
 into ``T`` rows. The base model's matrix products are shared by all rows; the LoRA terms are added
 per row by the step's ``LoraStep`` (kernels/lora_backend.py), one call per ``LoraGroup`` and layer.
 q/k/v and gate/up weights are fused at load time so a layer makes four base GEMMs (and four LoRA
-group calls); on CPU their weights are prepacked for oneDNN (``Linear``).
+group calls); on CPU their weights are prepacked for oneDNN (``Linear``). The embedding and the
+LM head are LoRA sites too (``ModelConfig.model_groups``): one call each per step, on the step's
+token ids and on the sample rows' final hidden states.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from server.dora import BaseWeights
 from server.layers import Linear, RopeTables, RotaryCache
-from server.model_config import ModelConfig
+from server.model_config import EMBED, LM_HEAD, MODEL_LAYER, SAMPLES, LoraGroup, ModelConfig
 
 if TYPE_CHECKING:
     from kernels.attention import AttnMeta
@@ -46,6 +49,10 @@ class LlamaModel:
         self.rotary = RotaryCache(config, max_positions, self.embed.device)
         self.scale = 1.0 / math.sqrt(config.head_dim)
         self.qkv_lora, self.o_lora, self.gate_up_lora, self.down_lora = config.lora_groups()
+        self.embed_lora, self.head_lora = config.model_groups()
+        self._module_cols = {m: (g, c, c + w) for g in config.lora_groups()
+                             for m, c, w in zip(g.modules, g.cols, g.widths, strict=True)}
+        self.base = BaseWeights(config, weights, self.base_product, head_kept=self.lm_head.weight is not None)
 
     @staticmethod
     def _fuse(w: dict[str, torch.Tensor], i: int, prepack: bool) -> LayerWeights:
@@ -60,15 +67,35 @@ class LlamaModel:
         )
 
     @torch.inference_mode()
+    def base_product(self, layer: int, module: str, a: torch.Tensor) -> torch.Tensor:
+        """``a @ W0.T`` for the base weight ``W0 [out, in]`` of a LoRA site and ``a [r, in]`` (DoRA's
+        weight norms, server/dora.py): the model's own layers applied to ``a``'s rows."""
+        a = a.to(self.embed.device, self.embed.dtype)
+        if layer == MODEL_LAYER and module == EMBED:
+            return a @ self.embed  # W0 = E.T
+        if layer == MODEL_LAYER and module == LM_HEAD:
+            return self.lm_head(a)
+        group, c0, c1 = self._module_cols[module]
+        lw = self.layers[layer]
+        linear = {"qkv": lw.qkv, "o": lw.o, "gate_up": lw.gate_up, "down": lw.down}[group.name]
+        return linear(a)[:, c0:c1]
+
+    @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnMeta,
-                kv_pages: torch.Tensor, lora: LoraStep | None, sample_rows: torch.Tensor) -> torch.Tensor:
-        """Logits ``[len(sample_rows), vocab]`` (fp32) for the rows that sample.
+                kv_pages: torch.Tensor, lora: LoraStep | None, sample_rows: torch.Tensor,
+                vocab: int = 0) -> torch.Tensor:
+        """Logits ``[len(sample_rows), max(vocab, config.vocab_size)]`` (fp32) for the rows that sample.
 
         input_ids, positions: ``[T]``; kv_pages: ``[num_pages, 2, block_size, kv_heads, head_dim]``
         (a view of the arena); the step's K/V are written to the pages before attention reads them.
+        ``vocab``: the widest vocabulary of the step's adapters (tokens added by an adapter with its
+        own embedding and head): the base model's logits are -inf past its own vocabulary, and
+        ids past it (only an adapter's requests have them) are that adapter's embedding's to fill.
         """
-        eps, ops = self.config.rms_norm_eps, self.backend
-        h = self.embed[input_ids]  # the residual stream, updated in place
+        eps, ops, cfg = self.config.rms_norm_eps, self.backend, self.config
+        h = self.embed[input_ids.clamp(max=cfg.vocab_size - 1)]  # the residual stream, updated in place
+        if lora is not None:
+            lora.apply(MODEL_LAYER, self.embed_lora, input_ids, h)
         rope = self.rotary.for_step(positions, h.dtype)
         x = ops.rms_norm(h, self.layers[0].input_norm, eps)
         for i, lw in enumerate(self.layers):
@@ -79,7 +106,19 @@ class LlamaModel:
             else:
                 h.add_(out)
         h = ops.rms_norm(h[sample_rows], self.final_norm, eps)
-        return self.lm_head(h).float()
+        logits = self.lm_head(h)
+        if vocab > cfg.vocab_size:
+            pad = logits.new_full((logits.shape[0], vocab - cfg.vocab_size), float("-inf"))
+            logits = torch.cat([logits, pad], dim=1)
+        if lora is not None:
+            lora.apply(MODEL_LAYER, self._head_group(logits.shape[1]), h, logits)
+        return logits.float()
+
+    def _head_group(self, width: int) -> LoraGroup:
+        """The lm_head group for logits of ``width`` columns (wider than the base's with added tokens)."""
+        if width == self.head_lora.out_features:
+            return self.head_lora
+        return LoraGroup(LM_HEAD, (LM_HEAD,), self.head_lora.in_features, (width,), SAMPLES)
 
     def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, rope: RopeTables, attn: AttnMeta,
                    kv_pages: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:

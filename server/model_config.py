@@ -11,9 +11,20 @@ from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
-# The LoRA-targetable linear modules of a layer, in a fixed order: kernels index per-module
-# descriptors by position in this tuple, and each ``LoraGroup`` is a consecutive run of it.
+# The LoRA-targetable linear modules of a layer, in a fixed order.
 LORA_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The model-wide LoRA sites (one per model, not per layer). Adapter weights key them as layer
+# ``MODEL_LAYER``, so every table indexed by (layer, module) holds them in one slot each.
+EMBED, LM_HEAD = "embed_tokens", "lm_head"
+MODEL_MODULES: tuple[str, ...] = (EMBED, LM_HEAD)
+MODEL_LAYER = 0
+# The module axis of every LoRA backend's descriptor tables: kernels index per-module descriptors by
+# position in this tuple, and each ``LoraGroup`` is a consecutive run of it.
+KERNEL_MODULES: tuple[str, ...] = LORA_MODULES + MODEL_MODULES
+
+
+# What a group's ``x`` and rows are (see ``LoraGroup.kind``).
+LINEAR, GATHER, SAMPLES = "linear", "gather", "samples"
 
 
 @dataclass(frozen=True)
@@ -22,25 +33,33 @@ class LoraGroup:
     fused output: our forward computes q/k/v as one GEMM and gate/up as one, so their LoRA terms are
     computed together too (one kernel launch per group and layer, not per module).
 
-    ``first`` is the index of ``modules[0]`` in ``LORA_MODULES``; module ``i`` of the group writes
+    ``first`` is the index of ``modules[0]`` in ``KERNEL_MODULES``; module ``i`` of the group writes
     columns ``cols[i] : cols[i] + widths[i]`` of the group's output.
+
+    ``kind`` says what the group's call reads: ``LINEAR``: ``x`` holds one activation row per token
+    of the step; ``GATHER`` (embed_tokens): ``x`` holds the step's token ids and the shrink is a
+    lookup of row ``x[t]`` of ``A.T`` (``in_features`` is the vocabulary); ``SAMPLES`` (lm_head):
+    ``x`` and ``y`` hold only the step's sample rows, whose adapters are the step's sample segments.
     """
 
     name: str
     modules: tuple[str, ...]
     in_features: int
     widths: tuple[int, ...]
+    kind: str = LINEAR
 
     def __post_init__(self) -> None:
-        start = LORA_MODULES.index(self.modules[0])
-        if LORA_MODULES[start : start + len(self.modules)] != self.modules:
-            raise ValueError(f"group {self.name}: {self.modules} is not a consecutive run of {LORA_MODULES}")
+        start = KERNEL_MODULES.index(self.modules[0])
+        if KERNEL_MODULES[start : start + len(self.modules)] != self.modules:
+            raise ValueError(f"group {self.name}: {self.modules} is not a run of {KERNEL_MODULES}")
         if len(self.widths) != len(self.modules):
             raise ValueError(f"group {self.name}: one width per module")
+        if self.kind not in (LINEAR, GATHER, SAMPLES):
+            raise ValueError(f"group {self.name}: unknown kind {self.kind!r}")
 
     @property
     def first(self) -> int:
-        return LORA_MODULES.index(self.modules[0])
+        return KERNEL_MODULES.index(self.modules[0])
 
     @property
     def cols(self) -> tuple[int, ...]:
@@ -124,6 +143,22 @@ class ModelConfig:
                   ("gate_up", ("gate_proj", "up_proj")), ("down", ("down_proj",)))
         return tuple(LoraGroup(name, mods, shapes[mods[0]][0], tuple(shapes[m][1] for m in mods))
                      for name, mods in groups)
+
+    def model_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of the model-wide LoRA sites, as PEFT sees them: embed_tokens
+        maps a one-hot token (the vocabulary) to hidden; lm_head maps hidden to the vocabulary."""
+        return {EMBED: (self.vocab_size, self.hidden_size), LM_HEAD: (self.hidden_size, self.vocab_size)}
+
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """``linear_shapes`` and ``model_shapes`` together, keyed by module name."""
+        return {**self.linear_shapes(), **self.model_shapes()}
+
+    def model_groups(self) -> tuple[LoraGroup, LoraGroup]:
+        """The embed_tokens group (applied to the step's token ids) and the lm_head group (applied
+        to the sample rows' final hidden states)."""
+        shapes = self.model_shapes()
+        return (LoraGroup(EMBED, (EMBED,), shapes[EMBED][0], (shapes[EMBED][1],), GATHER),
+                LoraGroup(LM_HEAD, (LM_HEAD,), shapes[LM_HEAD][0], (shapes[LM_HEAD][1],), SAMPLES))
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:

@@ -13,6 +13,14 @@ The arena is one device buffer of ``num_pages`` pages of ``page_bytes`` bytes. A
   so small ranks share pages instead of each taking a mostly empty one. ``LoraMatrixPages`` says
   where: row ``j`` lives in page ``pages[(row0 + j) // rows_per_page]`` at element offset
   ``((row0 + j) % rows_per_page) * row_len``.
+  Two model-wide sites differ: embed_tokens' ``A`` is stored transposed (``in_features`` = vocab
+  rows of ``r``: a token's shrink is a lookup of its row), and a DoRA module has one more matrix,
+  its per-output scale ``g`` (one row of ``out_features``).
+
+A row longer than a page (lm_head's ``B^T`` and ``g``: rows of vocab length) is cut into
+page-long pieces of ``E = elems_per_page(itemsize)`` elements: stored row ``c * rows + j`` holds
+columns ``c * E ...`` of row ``j`` (piece-major), so a reader of columns ``n`` finds them in piece
+``n // E`` (``stored_shape``). Pieces are rows of ``E``: one to a page.
 
 Why this page size: under grouped-query attention one token's K vector (``kv_heads * head_dim``,
 192 for SmolLM2) is far narrower than the hidden size (576), so sizing pages as "one token"
@@ -60,6 +68,7 @@ class PageLayout:
         return rpp
 
     def pages_for_rows(self, rows: int, row_len: int, itemsize: int | None = None) -> int:
+        rows, row_len = stored_shape(rows, row_len, self.elems_per_page(itemsize))
         rpp = self.rows_per_page(row_len, itemsize)
         return -(-rows // rpp)
 
@@ -81,20 +90,49 @@ class PageLayout:
         )
 
 
+def stored_shape(rows: int, row_len: int, page_elems: int) -> tuple[int, int]:
+    """``(rows, row length)`` of a ``[rows, row_len]`` matrix as stored in pages: itself, or, if a row
+    is longer than a page, ``rows * pieces`` rows of ``page_elems`` (piece-major, zero-padded)."""
+    if row_len <= page_elems:
+        return rows, row_len
+    return rows * -(-row_len // page_elems), page_elems
+
+
 @dataclass(frozen=True)
 class LoraMatrixPages:
     """Where one (adapter, layer, module)'s LoRA weights live in the arena: ``A`` as ``rank`` rows
-    of ``in_features`` starting at row ``a_row0`` of page ``a_pages[0]``, ``B^T`` likewise. Pages
-    may be shared with the adapter's other matrices (never with another adapter)."""
+    of ``in_features`` starting at row ``a_row0`` of page ``a_pages[0]``, ``B^T`` and DoRA's ``g``
+    likewise (rows as stored: ``stored_shape``). Pages may be shared with the adapter's other
+    matrices (never with another adapter); a matrix's pages are listed once each, in order."""
 
     rank: int
     scale: float  # lora_alpha / rank, or lora_alpha / sqrt(rank) for rsLoRA
     in_features: int
     out_features: int
-    a_pages: tuple[int, ...]  # A: `rank` rows of `in_features`
+    a_pages: tuple[int, ...]  # A: `rank` rows of `in_features` (A.T if `a_transposed`)
     b_pages: tuple[int, ...]  # B transposed: `rank` rows of `out_features`
-    a_row0: int = 0
+    g_pages: tuple[int, ...] = ()  # DoRA: the scale g = m / ||W0 + s B A|| (one row); () for plain LoRA
+    a_transposed: bool = False  # embed_tokens: A stored as `in_features` rows of `rank`
+    replace: bool = False  # a full copy of the module (modules_to_save): its output replaces the base's
+    a_row0: int = 0  # the first stored row of A within a_pages[0]
     b_row0: int = 0
+    g_row0: int = 0
+
+    @property
+    def a_shape(self) -> tuple[int, int]:
+        """``(rows, row length)`` of ``A`` as written (before cutting long rows)."""
+        return (self.in_features, self.rank) if self.a_transposed else (self.rank, self.in_features)
+
+    @property
+    def dora(self) -> bool:
+        return bool(self.g_pages)
+
+    @property
+    def streamed_elems(self) -> int:
+        """Elements a step that uses the module reads whole: ``A`` (not an embedding's ``A.T``: a
+        token looks up its row), ``B^T`` and DoRA's ``g``."""
+        a = 0 if self.a_transposed else self.rank * self.in_features
+        return a + self.rank * self.out_features + (self.out_features if self.dora else 0)
 
 
 # Storage dtypes of adapter pages, by name (pure Python: no torch here), and their sizes.
@@ -116,12 +154,13 @@ class AdapterPageTable:
     def all_pages(self) -> list[int]:
         if self.pages is not None:
             return list(self.pages)
-        return list(dict.fromkeys(p for m in self.modules.values() for p in (*m.a_pages, *m.b_pages)))
+        mats = self.modules.values()
+        return list(dict.fromkeys(p for m in mats for p in (*m.a_pages, *m.b_pages, *m.g_pages)))
 
     @cached_property
     def weight_elems(self) -> int:
-        """Elements of A and B^T rows: what a step that uses every module reads."""
-        return sum(m.rank * (m.in_features + m.out_features) for m in self.modules.values())
+        """Elements of its rows a step that uses every module streams (``streamed_elems``)."""
+        return sum(m.streamed_elems for m in self.modules.values())
 
     def weight_bytes(self, model_itemsize: int) -> int:
         return self.weight_elems * (STORAGE_ITEMSIZE[self.dtype] if self.dtype else model_itemsize)

@@ -100,7 +100,7 @@ class ModelRunner:
             return {}
         step = build_step(out, self.layout, self.step_buffer, self.lora, page_table, self.block_tables)
         logits = self.model.forward(step.input_ids, step.positions, step.attn, self.kv_pages, step.lora,
-                                    step.sample_rows)
+                                    step.sample_rows, step.vocab)
         if not step.sample_request_ids:
             return {}
         ctx = [rows(rid) for rid in step.sample_request_ids]

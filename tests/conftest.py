@@ -41,12 +41,24 @@ def tiny_model_config(tiny_llama_config):
     return ModelConfig.from_hf_dict(tiny_llama_config.to_dict())
 
 
+@pytest.fixture(scope="session")
+def tiny_base_weights(tiny_llama_config, tiny_model_config):
+    """server.dora.BaseWeights of a random tiny Llama: what an AdapterManager needs of its base."""
+    from transformers import LlamaForCausalLM
+
+    from tests.peft_helpers import base_weights
+
+    torch.manual_seed(0)
+    return base_weights(LlamaForCausalLM(tiny_llama_config), tiny_model_config)
+
+
 @pytest.fixture
 def make_peft_adapter(tiny_llama_config, tmp_path):
     """Factory: ``make(name, dtype=..., seed=..., **LoraConfig kwargs) -> (dir, peft_model)``.
 
     Builds a fresh random tiny Llama, wraps it with ``peft.get_peft_model``, randomizes every
-    ``lora_B`` (PEFT initializes it to zero) and ``save_pretrained``s it to ``tmp_path / name``.
+    ``lora_B`` and the embedding factors (PEFT initializes lora_B and lora_embedding_A to zero) and
+    ``save_pretrained``s it to ``tmp_path / name``.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
@@ -56,7 +68,7 @@ def make_peft_adapter(tiny_llama_config, tmp_path):
         peft_model = get_peft_model(LlamaForCausalLM(tiny_llama_config), LoraConfig(**lora_kwargs))
         with torch.no_grad():
             for pname, param in peft_model.named_parameters():
-                if "lora_B" in pname:
+                if "lora_B" in pname or "lora_embedding_" in pname:  # PEFT zeroes lora_B, lora_embedding_A
                     torch.nn.init.normal_(param, std=0.5)
         peft_model = peft_model.to(dtype)
         out = tmp_path / name

@@ -63,19 +63,38 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> tuple[list[i
 
 def engine_logits(engine: LLMEngine, prompt: list[int], adapter: str | None = None) -> torch.Tensor:
     """The logits our engine computes at the last prompt position, captured at the real sampler."""
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    return run_all_logits(engine, {"logits": prompt}, params, {"logits": adapter})[1]["logits"]
+
+
+def run_all_logits(engine: LLMEngine, prompts: dict[str, list[int]], params: SamplingParams,
+                   adapters: dict[str, str | None] | None = None
+                   ) -> tuple[dict[str, list[int]], dict[str, torch.Tensor], list[list[str]]]:
+    """``run_all``, also capturing at the real sampler each request's logits at its last prompt
+    position (its first sample) and which requests each step sampled together."""
+    first: dict[str, torch.Tensor] = {}
+    steps: list[list[str]] = []
     seen: list[torch.Tensor] = []
-    sampler = engine.runner.sampler
-    original = sampler.sample
+    runner, sampler = engine.runner, engine.runner.sampler
+    execute, sample = runner.execute, sampler.sample
 
-    def spy(logits, params, generators, banned=None):
+    def spy_sample(logits, *args, **kwargs):
         seen.append(logits.clone())
-        return original(logits, params, generators, banned)
+        return sample(logits, *args, **kwargs)
 
-    sampler.sample = spy
+    def spy_execute(*args, **kwargs):
+        seen.clear()
+        out = execute(*args, **kwargs)
+        if out:  # rows in the order they were sampled (runner.execute zips them in order)
+            (logits,) = seen
+            steps.append(list(out))
+            for row, rid in enumerate(out):
+                first.setdefault(rid, logits[row])
+        return out
+
+    runner.execute, sampler.sample = spy_execute, spy_sample
     try:
-        params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-        run_all(engine, {"logits": prompt}, params, {"logits": adapter})
+        tokens = run_all(engine, prompts, params, adapters)
     finally:
-        sampler.sample = original
-    (logits,) = seen
-    return logits[0]
+        runner.execute, sampler.sample = execute, sample
+    return tokens, first, steps

@@ -44,13 +44,13 @@ def v1(make_peft_adapter) -> Path:
 
 
 @pytest.fixture
-def manager(tmp_path, tiny_model_config):
+def manager(tmp_path, tiny_model_config, tiny_base_weights):
     made = []
 
     def make(host_cache_bytes: int = 2**30, clock=time.monotonic) -> AdapterManager:
         layout = PageLayout.for_model(tiny_model_config)
         m = AdapterManager(AdapterStore(tmp_path / "store"), tiny_model_config, layout, 4096,
-                           host_cache_bytes, 256, torch.float32, clock=clock)
+                           host_cache_bytes, 256, torch.float32, tiny_base_weights, clock=clock)
         made.append(m)
         return m
 

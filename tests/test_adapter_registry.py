@@ -35,14 +35,15 @@ class ForgetfulCache(HostCache):
 
 
 @pytest.fixture
-def manager_on(tiny_model_config):
+def manager_on(tiny_model_config, tiny_base_weights):
     """Factory: a registry over the store at ``root`` whose host cache keeps nothing, so every weight
     read goes to disk (as when the host cache has dropped an adapter under pressure)."""
     made = []
 
     def make(root: Path) -> AdapterManager:
         layout = PageLayout.for_model(tiny_model_config)
-        m = AdapterManager(AdapterStore(root), tiny_model_config, layout, 4096, 2**30, 256, torch.float32)
+        m = AdapterManager(AdapterStore(root), tiny_model_config, layout, 4096, 2**30, 256, torch.float32,
+                           tiny_base_weights)
         m.host = ForgetfulCache(2**30)
         made.append(m)
         return m

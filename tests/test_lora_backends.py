@@ -10,7 +10,18 @@ from dataclasses import replace
 
 import pytest
 import torch
-from lora_cases import GROUPS, LAYOUT, SHAPES, Dense, PageAlloc, dense_group, model_adapters
+from lora_cases import (
+    GROUPS,
+    LAYOUT,
+    SHAPES,
+    VOCAB,
+    Dense,
+    PageAlloc,
+    dense_group,
+    group_cases,
+    group_input,
+    model_adapters,
+)
 
 from adapter_store.peft_format import LoraWeights
 from kernels.backend import select_lora_backend
@@ -19,7 +30,7 @@ from kernels.lora_pages import read_matrix_rows
 from kernels.native_lib import available as native_available
 from kernels.step_buffer import StepBuffer, StepPack
 from server.adapter_residency import AdapterResidency, AdapterSpec, ModuleSpec
-from server.model_config import LoraGroup
+from server.model_config import GATHER, SAMPLES, LoraGroup
 from server.page_layout import AdapterPageTable, LoraMatrixPages
 from server.pool import PagePool
 
@@ -48,8 +59,10 @@ def make_backend(name: str, arena: torch.Tensor):
 
 
 def run_step(backend, seg_starts, seg_slots, adapters):
+    """A step whose sample rows (the lm_head group's) are all its rows: same segments."""
     pack = StepPack()
-    step = backend.prepare_step(LoraSegments(tuple(seg_starts), tuple(seg_slots)), adapters, pack)
+    segments = LoraSegments(tuple(seg_starts), tuple(seg_slots))
+    step = backend.prepare_step(segments, adapters, pack, segments)
     step.bind(StepBuffer(backend.arena.device).upload(pack))
     return step
 
@@ -66,19 +79,18 @@ def test_backend_matches_dense(name: str, dtype: torch.dtype, segments: str) -> 
     backend = make_backend(name, arena)
     step = run_step(backend, seg_starts, seg_slots, adapters)
     t = seg_starts[-1]
-    for layer in (0, 1):
-        for group in GROUPS:
-            x = torch.randn(t, group.in_features, generator=gen).to(dtype)
-            fused = torch.randn(t, group.out_features + 8, generator=gen).to(dtype)
-            before = fused.clone()
-            y = fused[:, : group.out_features]  # rows out_features + 8 apart, as in a fused output
-            expected = dense_group(x, y, seg_starts, seg_slots, dense, layer, group)
-            y_dev = y.to(DEVICE) if DEVICE != "cpu" else y
-            step.apply(layer, group, x.to(DEVICE), y_dev)
-            torch.testing.assert_close(y_dev.double().cpu(), expected, **TOL[dtype])
-            assert torch.equal(fused[:, group.out_features :], before[:, group.out_features :])
-            if layer == 0 and group.name == "qkv":
-                assert not torch.equal(y.cpu(), before[:, : group.out_features])  # the case adds something
+    for layer, group in group_cases():  # DoRA modules, an embed_tokens gather, lm_head rows in pieces
+        x = group_input(group, t, dtype, gen)
+        fused = torch.randn(t, group.out_features + 8, generator=gen).to(dtype)
+        before = fused.clone()
+        y = fused[:, : group.out_features]  # rows out_features + 8 apart, as in a fused output
+        expected = dense_group(x, y, seg_starts, seg_slots, dense, layer, group)
+        y_dev = y.to(DEVICE) if DEVICE != "cpu" else y
+        step.apply(layer, group, x.to(DEVICE), y_dev)
+        torch.testing.assert_close(y_dev.double().cpu(), expected, **TOL[dtype])
+        assert torch.equal(fused[:, group.out_features :], before[:, group.out_features :])
+        if layer == 0:
+            assert not torch.equal(y.cpu(), before[:, : group.out_features]), group.name  # adds something
 
 
 def _weights(table: AdapterPageTable, dtype: torch.dtype, seed: int) -> dict[tuple[int, str], LoraWeights]:
@@ -135,37 +147,65 @@ def test_write_adapter_and_reuse_of_pages_after_drop(name: str, dtype: torch.dty
         assert uid not in backend
 
 
+# The model-wide sites as a step applies them to a vocabulary of VOCAB (the sample rows: all rows).
+SITE_GROUPS = (LoraGroup("embed_tokens", ("embed_tokens",), VOCAB, (32,), GATHER),
+               LoraGroup("lm_head", ("lm_head",), 32, (VOCAB,), SAMPLES))
+
+
+def _packed_spec(uid: int, rank: int, stored: str | None, dora: bool) -> AdapterSpec:
+    """Every layer module (DoRA or not), an embed_tokens LoRA (``A`` stored transposed) and an
+    lm_head one (``B^T`` and ``g`` rows of VOCAB: longer than a page, stored in pieces)."""
+    modules = {(layer, m): ModuleSpec(rank + layer, 0.5 + uid / 4, *SHAPES[m], dora=dora)
+               for layer in (0, 1) for m in SHAPES}
+    modules[(0, "embed_tokens")] = ModuleSpec(rank, 0.75, VOCAB, 32, a_transposed=True)
+    modules[(0, "lm_head")] = ModuleSpec(rank + 1, 0.25, 32, VOCAB, dora=dora)
+    return AdapterSpec(uid, f"a{uid}", modules, stored)
+
+
+def _bf16_exact_weights(table: AdapterPageTable, seed: int) -> dict[tuple[int, str], LoraWeights]:
+    """Random weights exactly representable in bf16 (so bf16 storage loses nothing), with a DoRA
+    scale ``g`` in 0.5..1.5 for DoRA modules."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    out = {}
+    for key, w in _weights(table, torch.float32, seed).items():
+        g = 0.5 + torch.rand(w.b.shape[0], generator=gen) if table.modules[key].dora else None
+        g = None if g is None else g.bfloat16().float()
+        out[key] = LoraWeights(w.a.bfloat16().float(), w.b.bfloat16().float(), w.rank, w.scale, dora_scale=g)
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", BACKENDS)
 def test_packed_adapters_in_their_storage_dtypes(name: str, dtype: torch.dtype) -> None:
     """Adapters placed by the pool (rows of several matrices and layers sharing pages, each matrix
     from its own row of its first page), some stored in bf16 when the backend reads bf16 rows (in an
-    fp32 arena: half the bytes), give the dense result of their weights."""
-    arena = torch.zeros(256, LAYOUT.page_elems, dtype=dtype, device=DEVICE)
+    fp32 arena: half the bytes, and lm_head's pieces twice as long), with DoRA scale rows, a gathered
+    embedding and lm_head rows in pieces among them, give the dense result of their weights."""
+    arena = torch.zeros(512, LAYOUT.page_elems, dtype=dtype, device=DEVICE)
     backend = make_backend(name, arena)
-    residency = AdapterResidency(PagePool(256), replace(LAYOUT, itemsize=arena.element_size()))
+    residency = AdapterResidency(PagePool(512), replace(LAYOUT, itemsize=arena.element_size()))
     bf16_rows = torch.bfloat16 in backend.storage_dtypes
     tables, dense = [], []
-    for uid, (rank, stored) in enumerate(((3, None), (8, "bfloat16"), (1, "bfloat16"), (16, None)), start=1):
+    plans = ((3, None, False), (8, "bfloat16", True), (1, "bfloat16", False), (16, None, True))
+    for uid, (rank, stored, dora) in enumerate(plans, start=1):
         stored = stored if bf16_rows else None
-        modules = {(layer, m): ModuleSpec(rank + layer, 0.5 + uid / 4, *SHAPES[m])
-                   for layer in (0, 1) for m in SHAPES}
-        table = residency.load(AdapterSpec(uid, f"a{uid}", modules, stored))
+        table = residency.load(_packed_spec(uid, rank, stored, dora))
         assert table.dtype == stored
-        weights = {key: LoraWeights(w.a.bfloat16().float(), w.b.bfloat16().float(), w.rank, w.scale)
-                   for key, w in _weights(table, torch.float32, seed=uid).items()}  # exact in bf16
+        weights = _bf16_exact_weights(table, seed=uid)
         backend.write_adapter(table, weights)
         tables.append(table)
-        dense.append({key: Dense(w.a.to(dtype), w.b.to(dtype), w.scale) for key, w in weights.items()})
+        dense.append({key: Dense(w.a.to(dtype), w.b.to(dtype), w.scale,
+                                 None if w.dora_scale is None else w.dora_scale.to(dtype))
+                      for key, w in weights.items()})
     assert any(len(m.a_pages) > 1 or m.a_row0 for t in tables for m in t.modules.values())  # pages shared
+    assert any(m.g_row0 for t in tables for m in t.modules.values())  # a scale row mid-page
     seg_starts, seg_slots = [0, 1, 2, 3, 4, 9, 10], [0, 1, 2, 3, 1, -1]
     step = run_step(backend, seg_starts, seg_slots, tables)
     gen = torch.Generator().manual_seed(9)
-    for layer in (0, 1):
-        for group in GROUPS:
-            x = torch.randn(10, group.in_features, generator=gen).to(dtype)
-            y = torch.randn(10, group.out_features, generator=gen).to(dtype)
-            expected = dense_group(x, y, seg_starts, seg_slots, dense, layer, group)
-            y_dev = y.to(DEVICE)
-            step.apply(layer, group, x.to(DEVICE), y_dev)
-            torch.testing.assert_close(y_dev.double().cpu(), expected, **TOL[dtype])
+    for layer, group in [(layer, g) for layer in (0, 1) for g in GROUPS] + [(0, g) for g in SITE_GROUPS]:
+        x = group_input(group, 10, dtype, gen)
+        y = torch.randn(10, group.out_features, generator=gen).to(dtype)
+        expected = dense_group(x, y, seg_starts, seg_slots, dense, layer, group)
+        y_dev = y.to(DEVICE)
+        step.apply(layer, group, x.to(DEVICE), y_dev)
+        torch.testing.assert_close(y_dev.double().cpu(), expected, **TOL[dtype])

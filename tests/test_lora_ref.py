@@ -13,6 +13,8 @@ from lora_cases import (
     build_args,
     dense_delta,
     dense_group,
+    group_cases,
+    group_input,
     model_adapters,
 )
 from lora_cases import dense_shrink as dense_shrink_ref
@@ -90,20 +92,21 @@ def test_segments_validation() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_group_ref_fused_outputs_and_missing_modules(dtype: torch.dtype) -> None:
     """``lora_group_ref`` (what every backend's ``apply`` must compute) against the dense oracle:
-    each module into its own column block; adapters lacking a module or a layer add nothing there."""
+    each module into its own column block; adapters lacking a module or a layer add nothing there;
+    DoRA modules scale the sum; embed_tokens gathers by token id; lm_head's rows span pieces."""
     arena = torch.randn(1024, LAYOUT.page_elems).to(dtype)
     adapters, dense = model_adapters(arena)
     seg_starts, seg_slots = [0, 2, 3, 3, 7, 8, 9], [1, -1, 0, 2, 0, 1]  # slot 0 twice, not sorted
     segments = LoraSegments(tuple(seg_starts), tuple(seg_slots))
-    for layer in (0, 1):
-        for group in GROUPS:
-            x = torch.randn(9, group.in_features).to(dtype)
-            fused = torch.randn(9, group.out_features + 8).to(dtype)
-            y = fused[:, 4 : 4 + group.out_features]  # a strided view, as a fused projection's output
-            expected = dense_group(x, y, seg_starts, seg_slots, dense, layer, group)
-            lora_group_ref(arena, segments, adapters, layer, group, x, y)
-            torch.testing.assert_close(y.double(), expected, **TOL[dtype])
-            assert y.data_ptr() == fused[:, 4:].data_ptr()
+    gen = torch.Generator().manual_seed(0)
+    for layer, group in group_cases():
+        x = group_input(group, 9, dtype, gen)
+        fused = torch.randn(9, group.out_features + 8).to(dtype)
+        y = fused[:, 4 : 4 + group.out_features]  # a strided view, as a fused projection's output
+        expected = dense_group(x, y, seg_starts, seg_slots, dense, layer, group)
+        lora_group_ref(arena, segments, adapters, layer, group, x, y)
+        torch.testing.assert_close(y.double(), expected, **TOL[dtype])
+        assert y.data_ptr() == fused[:, 4:].data_ptr()
 
 
 def test_group_ref_noop_without_adapter_tokens() -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from server.adapter_residency import AdapterResidency
+from server.adapter_residency import AdapterResidency, AdapterSpec, ModuleSpec
 from server.errors import AdapterTooLarge
 from server.pool import OutOfPages, PagePool
 from tests.sched_helpers import LAYOUT, FakeDisk, make_request, make_scheduler, run_step
@@ -139,3 +139,26 @@ def test_adapter_waits_for_pages_held_by_running_work():
     s.update(out, {"kv": 3})  # kv finishes: its pages return
     out = s.schedule()
     assert [t.uid for t in out.adapter_loads] == [1] and [c.request_id for c in out.chunks] == ["lora"]
+
+
+def test_dora_scales_embedding_rows_and_long_rows_get_their_pages():
+    """16-element pages, rows packed into streams by stored row length (server/adapter_packing.py).
+    A DoRA q_proj (8 -> 8, rank 4): A 4 rows of 8, B^T 4, its scale row 1. The embedding (vocab
+    40 -> 8, rank 2): A stored as 40 rows of 2 (8 a page), B^T 2 rows of 8. lm_head (8 -> 40, rank
+    3): A 3 rows of 8; B^T rows of 40 cut into 3 pieces of 16: 9 rows, one a page. Streams: rows of
+    16 (9 pages: 0-8), rows of 8 (q.A 0-3, q.B^T 4-7, q.g 8, embed B^T 9-10, lm_head A 11-13, two a
+    page: 7 pages, 9-15), rows of 2 (40 rows, 8 a page: 5 pages, 16-20)."""
+    spec = AdapterSpec(7, "a", {
+        (0, "q_proj"): ModuleSpec(4, 1.0, 8, 8, dora=True),
+        (0, "embed_tokens"): ModuleSpec(2, 1.0, 40, 8, a_transposed=True),
+        (0, "lm_head"): ModuleSpec(3, 1.0, 8, 40),
+    })
+    assert spec.pages_needed(LAYOUT) == 9 + 7 + 5
+    assert spec.vocab(32) == 40 and AdapterSpec(8, "b", {}).vocab(32) == 32
+    table = AdapterResidency(PagePool(30), LAYOUT).load(spec)
+    emb, head, q = (table.modules[(0, m)] for m in ("embed_tokens", "lm_head", "q_proj"))
+    assert (emb.a_pages, emb.a_row0, emb.b_pages, emb.b_row0, emb.g_pages, emb.a_transposed) == (
+        (16, 17, 18, 19, 20), 0, (13, 14), 1, (), True)
+    assert (head.a_pages, head.a_row0, head.b_pages, head.b_row0) == ((14, 15), 1, tuple(range(9)), 0)
+    assert (q.a_pages, q.b_pages, q.g_pages, q.g_row0, q.dora) == ((9, 10), (11, 12), (13,), 0, True)
+    assert table.all_pages() == list(range(21))

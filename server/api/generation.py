@@ -78,6 +78,7 @@ class RequestContext:
     label: str  # the ``model`` field of responses: the adapter as the caller names it, or the base
     labels: Labels  # (tenant, adapter) metrics labels
     created: int
+    tokenizer: Any  # the adapter's own tokenizer if it was saved with one, else the base model's
 
     @classmethod
     def open(cls, request: Request, endpoint: str, prefix: str, model: str | None,
@@ -95,7 +96,7 @@ class RequestContext:
         request.state.adapter_id, request.state.labels = resolved, labels
         getattr(request.state, CLEANUPS).append(state.request_gate.enter(principal))
         return cls(state.engine, state.metrics, endpoint, request_id, resolved, label, labels,
-                   int(time.time()))
+                   int(time.time()), state.engine.tokenizer_for(resolved))
 
     def group(self, request: Request) -> GenerationGroup:
         return GenerationGroup(self.engine, request, self.metrics, self.adapter_id, self.labels, self.label)

@@ -22,9 +22,9 @@ from starlette.concurrency import run_in_threadpool
 from adapter_store.failpoints import failpoint
 from adapter_store.tenancy import ADAPTER_ID_PATTERN, split
 from server.api.auth import require_admin_key, require_api_key
-from server.api.schemas import AdapterCard, AdapterDeleted, AdapterList, ErrorResponse
+from server.api.schemas import AdapterCard, AdapterDeleted, AdapterList, AdapterPartCard, ErrorResponse
 from server.api.tenants import Principal
-from server.api.uploads import CONFIG_FILE, WEIGHTS_FILE, receive_upload
+from server.api.uploads import CONFIG_FILE, OPTIONAL_FILES, WEIGHTS_FILE, receive_upload
 from server.engine_types import AdapterInfo
 from server.errors import AdapterExists, InvalidRequest, UnknownAdapter
 
@@ -34,7 +34,9 @@ router = APIRouter(tags=["adapters"])
 UPLOAD_DOC = f"""Upload a PEFT LoRA adapter as multipart/form-data: the files `{CONFIG_FILE}` and
 `{WEIGHTS_FILE}` and the form field `adapter_id` (pattern `{ADAPTER_ID_PATTERN}`, no `..`). Add the
 field `replace=true` to overwrite an existing id (requests already running keep the old weights).
-The adapter is validated against the base model (modules, shapes, rank) before it is stored."""
+The adapter is validated against the base model (modules, shapes, rank) before it is stored. An
+adapter with its own tokenizer (tokens added, `modules_to_save` embeddings) may include its files
+({", ".join(f"`{n}`" for n in OPTIONAL_FILES)}); its requests are then tokenized with it."""
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -42,11 +44,14 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def adapter_card(info: AdapterInfo, parent: str, principal: Principal) -> AdapterCard:
+    parts = [AdapterPartCard(name=p.name, modules=list(p.modules), rank=p.rank, bytes=p.bytes,
+                             pool_bytes=p.pool_bytes, full_copy=p.full_copy) for p in info.parts]
     return AdapterCard(id=principal.display(info.adapter_id), tenant=split(info.adapter_id)[0], uid=info.uid,
                        parent=parent, rank=info.rank, alpha=info.alpha,
                        target_modules=list(info.target_modules), size_bytes=info.size_bytes,
                        checksum=info.checksum, location=info.location, requests_served=info.requests_served,
-                       created=int(info.created))
+                       created=int(info.created), use_dora=info.use_dora, parts=parts,
+                       pool_bytes=info.pool_bytes, vocab_size=info.vocab_size)
 
 
 def _visible(engine: Any, principal: Principal, name: str) -> AdapterInfo:

@@ -41,7 +41,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     ctx = RequestContext.open(request, "chat", "chatcmpl", body.model, body.adapter_id)
     body.check_supported()
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    ids = ctx.engine.tokenizer.apply_chat_template(messages)
+    ids = ctx.tokenizer.apply_chat_template(messages)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if body.max_completion_tokens is not None and body.max_completion_tokens < 1:  # name the field sent
         raise InvalidRequest("max_completion_tokens must be an integer >= 1, got "
@@ -61,7 +61,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         await group.close()
     choices = [
         ChatChoice(index=i, message=ChatResponseMessage(content=r.text), finish_reason=r.finish_reason,
-                   logprobs=chat_logprobs(ctx.engine.tokenizer, r.logprobs) if body.logprobs else None)
+                   logprobs=chat_logprobs(ctx.tokenizer, r.logprobs) if body.logprobs else None)
         for i, r in enumerate(results)
     ]
     ctx.done(request, 200)
@@ -83,7 +83,7 @@ def _stream(ctx: RequestContext, request: Request, group: Any, logprobs: bool, i
     def render(index: int, out: RequestOutput) -> list[BaseModel]:
         if not out.new_text and not out.finished:
             return []
-        lps = chat_logprobs(ctx.engine.tokenizer, out.logprobs) if logprobs else None
+        lps = chat_logprobs(ctx.tokenizer, out.logprobs) if logprobs else None
         delta = ChatDelta(content=out.new_text) if out.new_text else ChatDelta()
         return [chunk([ChatChunkChoice(index=index, delta=delta, logprobs=lps,
                                        finish_reason=out.finish_reason if out.finished else None)])]

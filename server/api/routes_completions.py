@@ -28,14 +28,15 @@ MAX_CHOICES = 256  # engine requests one HTTP request may fan out to (prompts x 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["inference"])
 
 
-def prompt_token_ids(engine: Any, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+def prompt_token_ids(tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]],
+                     ) -> list[list[int]]:
     """Every prompt form OpenAI accepts, as lists of token ids (the engine checks them)."""
     if isinstance(prompt, str):
-        prompts = [engine.tokenizer.encode(prompt)]
+        prompts = [tokenizer.encode(prompt)]
     elif not prompt:
         raise InvalidRequest("prompt is an empty list", param="prompt")
     elif isinstance(prompt[0], str):
-        prompts = [engine.tokenizer.encode(p) for p in prompt]
+        prompts = [tokenizer.encode(p) for p in prompt]
     elif isinstance(prompt[0], int):
         prompts = [list(prompt)]
     else:
@@ -58,7 +59,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     body.check_supported()
     if body.echo:
         raise InvalidRequest("echo is not supported", param="echo")
-    prompts = prompt_token_ids(ctx.engine, body.prompt)
+    prompts = prompt_token_ids(ctx.tokenizer, body.prompt)
     if len(prompts) * body.n > MAX_CHOICES:
         raise InvalidRequest(f"{len(prompts)} prompts x n={body.n} is more than {MAX_CHOICES} completions "
                              "in one request; split it", param="prompt")
@@ -75,7 +76,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         results = await collect(group)
     finally:
         await group.close()
-    tokenizer, want_logprobs = ctx.engine.tokenizer, body.logprobs is not None
+    tokenizer, want_logprobs = ctx.tokenizer, body.logprobs is not None
     choices = [
         CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason,
                          logprobs=completion_logprobs(tokenizer, r.logprobs) if want_logprobs else None)
@@ -99,7 +100,7 @@ def _stream(ctx: RequestContext, request: Request, group: Any, n: int, include_u
             return []
         lps = None
         if want_logprobs:
-            lps = completion_logprobs(ctx.engine.tokenizer, out.logprobs, offsets[index])
+            lps = completion_logprobs(ctx.tokenizer, out.logprobs, offsets[index])
         offsets[index] += len(out.new_text)
         return [chunk([CompletionChoice(index=index, text=out.new_text, logprobs=lps,
                                         finish_reason=out.finish_reason if out.finished else None)])]

@@ -207,6 +207,19 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class AdapterPartCard(BaseModel):
+    name: Literal["layers", "embed_tokens", "lm_head", "dora_scale"] = Field(
+        ..., description="layers: LoRA on the layers' linear modules; embed_tokens / lm_head: LoRA on the "
+        "embedding / the LM head; dora_scale: DoRA's per-output scales of every DoRA module.")
+    modules: list[str]
+    rank: int = Field(..., description="Largest rank over the part's modules (0 for dora_scale).")
+    bytes: int = Field(..., description="The part's weights in their storage dtype in the pool.")
+    pool_bytes: int = Field(..., description="Bytes of pool page rows the part takes when resident "
+                                             "(the adapter's parts share its pages).")
+    full_copy: bool = Field(False, description="A whole embedding / LM head (modules_to_save, or a saved "
+                            "base layer other than the base model's) rather than only LoRA factors.")
+
+
 class AdapterCard(BaseModel):
     id: str = Field(..., description="The id the caller uses: a tenant's own adapters unqualified, "
                     "`tenant:name` for a global key.")
@@ -222,6 +235,12 @@ class AdapterCard(BaseModel):
     location: Literal["disk", "host", "device"] = Field(..., description="Where the weights are now.")
     requests_served: int
     created: int
+    use_dora: bool = Field(False, description="DoRA: each module's output is scaled by m / ||W0 + s B A||.")
+    parts: list[AdapterPartCard] = Field(default_factory=list,
+                                         description="The adapter's weights by part, with their sizes.")
+    pool_bytes: int = Field(0, description="Pool pages the adapter takes when resident, in bytes.")
+    vocab_size: int = Field(0, description="Token ids its requests may use: the base model's vocabulary, "
+                            "or more when its embedding is a full copy with added tokens.")
 
 
 class AdapterList(BaseModel):

@@ -1,4 +1,4 @@
-"""Adapter uploads: a multipart body read under a byte cap, its two files written to a staging dir.
+"""Adapter uploads: a multipart body read under a byte cap, its files written to a staging dir.
 
 The cap is enforced while the body streams in (a declared Content-Length over it is refused before
 reading anything); file parts are spooled to disk, never held whole in memory. After a refusal the
@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from adapter_store.peft_format import TOKENIZER_FILES
 from server.api.errors import ClientDisconnected
 from server.api.guards import DRAIN_LIMIT, drain
 from server.errors import InvalidRequest, PayloadTooLarge
@@ -27,6 +28,7 @@ from server.errors import InvalidRequest, PayloadTooLarge
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+OPTIONAL_FILES = TOKENIZER_FILES  # the adapter's own tokenizer (added tokens)
 FORM_FIELDS = ("adapter_id", "replace")
 BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
@@ -74,7 +76,8 @@ async def receive_upload(request: Request, cap: int, dest: Path) -> AdapterUploa
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InvalidRequest("upload must be multipart/form-data with files adapter_config.json and "
                              "adapter_model.safetensors and the form field adapter_id", param="content-type")
-    parser = MultiPartParser(request.headers, _capped_body(request, cap), max_files=4, max_fields=8)
+    parser = MultiPartParser(request.headers, _capped_body(request, cap),
+                             max_files=len(REQUIRED_FILES) + len(OPTIONAL_FILES) + 2, max_fields=8)
     try:
         form = await parser.parse()
     except MultiPartException as exc:
@@ -114,11 +117,13 @@ def _boolean(value: str, param: str) -> bool:
 
 async def _save_files(files: list[tuple[str, UploadFile]], dest: Path) -> None:
     seen = set()
+    accepted = (*REQUIRED_FILES, *OPTIONAL_FILES)
     for field_name, upload in files:
-        name = field_name if field_name in REQUIRED_FILES else Path(upload.filename or "").name
-        if name not in REQUIRED_FILES:
+        name = field_name if field_name in accepted else Path(upload.filename or "").name
+        if name not in accepted:
             raise InvalidRequest(f"unexpected file {upload.filename or field_name!r}; upload "
-                                 f"{' and '.join(REQUIRED_FILES)}", param=field_name)
+                                 f"{' and '.join(REQUIRED_FILES)} (and optionally the adapter's tokenizer: "
+                                 f"{', '.join(OPTIONAL_FILES)})", param=field_name)
         if name in seen:
             raise InvalidRequest(f"{name} was sent twice", param=name)
         seen.add(name)
