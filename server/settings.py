@@ -78,8 +78,9 @@ class ServerSettings(BaseSettings):
     adapter_dtype: Literal["auto", "model", "bfloat16"] = Field(
         "auto", description="How adapter weights are stored in the pool. auto: adapters whose files are "
         "bf16 stay bf16 (lossless; half the bytes each decode step reads) where the LoRA kernel reads "
-        "bf16, others in the model dtype; model: always the model dtype; bfloat16: every adapter rounded "
-        "to bf16 (an fp32 adapter's greedy tokens may then differ from PEFT's).")
+        "bf16 and every row is exact in bf16 (not DoRA's scales, computed in fp32 at load), others in "
+        "the model dtype; model: always the model dtype; bfloat16: every adapter rounded to bf16 (an "
+        "fp32 adapter's greedy tokens may then differ from PEFT's).")
     enable_prefix_caching: bool = Field(
         True, description="Reuse the KV cache of repeated prompt prefixes (system prompts, earlier turns), "
         "kept per adapter version. --no-enable-prefix-caching turns it off.")
