@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.metrics import RequestTiming, pid_peak_rss, summarize
-from benchmarks.systems.ours import cold_hot_summary, settings
+from benchmarks.systems.ours import cold_hot_prompt, cold_hot_summary, settings
 from benchmarks.workload import RequestSpec
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ def cold_vs_hot(job: dict, adapters: list[str]) -> dict:
         cold, hot = [], []
         for name in adapters:
             for sink in (cold, hot):
-                rec, _ = asyncio.run(_drive(url, [RequestSpec("x", list(range(500, 564)), 2, name)]))
+                prompt = cold_hot_prompt(len(cold) + len(hot))
+                rec, _ = asyncio.run(_drive(url, [RequestSpec("x", prompt, 2, name)]))
                 sink.append(rec["x"].ttft())
         return cold_hot_summary(cold, hot)

@@ -123,13 +123,21 @@ def cold_vs_hot(job: dict, adapters: list[str]) -> dict:
     """TTFT of a lone request on a never-seen adapter (disk only), then on the same adapter hot."""
     engine = LLMEngine(engine_config(job))
     warm_up(engine, [None])
-    prompt = list(range(500, 564))
     cold, hot = [], []
     for name in adapters:
         for sink in (cold, hot):
+            prompt = cold_hot_prompt(len(cold) + len(hot))
             timings, _ = drive(engine, [RequestSpec(f"{name}-{len(sink)}", prompt, 2, name)])
             sink.append(next(iter(timings.values())).ttft())
     return cold_hot_summary(cold, hot)
+
+
+def cold_hot_prompt(n: int) -> list[int]:
+    """The n-th request's prompt of the cold-vs-hot run: 64 tokens of its own, so that the hot request
+    (same adapter, now resident) prefills as much as the cold one. With one prompt for both, the hot
+    request found the cold one's prompt in the prefix cache and prefilled 16 of 64 tokens: the ratio
+    measured prefix caching, not the adapter's load."""
+    return [500 + 64 * n + j for j in range(64)]
 
 
 def cold_hot_summary(cold: list[float], hot: list[float]) -> dict:
