@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.metrics import RequestTiming, pid_peak_rss, summarize
-from benchmarks.systems.ours import cold_hot_prompt, cold_hot_summary, settings
+from benchmarks.systems.ours import WARM_PROMPT, WARM_TOKENS, cold_hot_prompt, cold_hot_summary, settings
 from benchmarks.workload import RequestSpec
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ async def _drive(url: str, requests: list[RequestSpec]) -> tuple[dict[str, Reque
 
 def _warm(url: str, adapters: list[str | None]) -> None:
     """One short request per adapter (None: the base model), all at once."""
-    warm = [RequestSpec(f"warmup-{i}", list(range(300, 340)), 4, a) for i, a in enumerate(adapters or [None])]
+    warm = [RequestSpec(f"warmup-{i}", WARM_PROMPT, WARM_TOKENS, a) for i, a in enumerate(adapters or [None])]
     _run_loop(_drive(url, warm))
 
 

@@ -44,11 +44,16 @@ def _params(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
 
+# A warm-up request: 8 prompt tokens and 2 generated (a prefill and a decode step). With 40 and 4 the
+# warm-up of a 64-adapter scenario prefilled 2,560 tokens: ~8 s of each job's start on 2 cores.
+WARM_PROMPT, WARM_TOKENS = list(range(300, 308)), 2
+
+
 def warm_up(engine: LLMEngine, adapters: list[str | None]) -> None:
     """One short request per adapter in ``adapters`` (None: the base model), all at once, so that
     first-call costs aren't measured and, in warm scenarios, every adapter is resident."""
     for i, adapter in enumerate(adapters or [None]):
-        engine.add_request(list(range(300, 340)), _params(4), adapter, request_id=f"warmup-{i}")
+        engine.add_request(WARM_PROMPT, _params(WARM_TOKENS), adapter, request_id=f"warmup-{i}")
     while engine.has_work():
         if not engine.step() and not engine.scheduler.running:
             time.sleep(0.001)  # adapters being read from disk: let the loader thread run
