@@ -14,13 +14,14 @@ BOTH = (F32, BF16)  # what the native and torch backends read
 
 
 def parsed(source: torch.dtype | None, dora_scale: torch.Tensor | None = None,
-           scale: float = 1.0) -> ParsedAdapter:
-    """One q_proj module whose weights came from a file of ``source`` dtype (as loaded: fp32)."""
+           scale: float = 1.0, replace: bool = False) -> ParsedAdapter:
+    """One q_proj module whose weights came from a file of ``source`` dtype (as loaded: fp32); A
+    scaled by ``scale`` at load (as a full copy joined with its LoRA: ``replace``)."""
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(shape, generator=gen).to(BF16).float() for shape in ((4, 8), (8, 4)))
     config = parse_adapter_config({"peft_type": "LORA", "r": 4, "lora_alpha": 4,
                                    "target_modules": ["q_proj"]})
-    w = LoraWeights(a=a * scale, b=b, rank=4, scale=1.0, dora_scale=dora_scale)
+    w = LoraWeights(a=a * scale, b=b, rank=4, scale=1.0, dora_scale=dora_scale, replace=replace)
     return ParsedAdapter(config=config, weights={(0, "q_proj"): w}, checksum="0" * 64, source_dtype=source)
 
 
@@ -38,7 +39,8 @@ def test_auto_keeps_the_model_dtype_for_rows_computed_at_load() -> None:
     g = 1 + torch.rand(8, generator=torch.Generator().manual_seed(1)) / 100
     assert auto.dtype_for(parsed(BF16, dora_scale=g)) is None
     assert auto.dtype_for(parsed(BF16, dora_scale=g.to(BF16).float())) == "bfloat16"  # exact: kept
-    assert auto.dtype_for(parsed(BF16, scale=1 / 3)) is None
+    assert auto.dtype_for(parsed(BF16, scale=1 / 3, replace=True)) is None
+    assert auto.dtype_for(parsed(BF16, scale=0.5, replace=True)) == "bfloat16"  # exact
 
 
 def test_explicit_modes_and_backends_without_bf16_rows() -> None:
