@@ -241,6 +241,11 @@ class AdapterStore:
         except FileNotFoundError:
             return None
 
+    def refs_key(self) -> RefKey:
+        """The refs directory's change stamp (one stat): creating, replacing (a rename into it) or
+        removing a ref changes it."""
+        return RefKey.of(os.stat(self.root / "refs"))
+
     def scan(self) -> dict[str, RefKey]:
         """Every ref (live or tombstone) and its stamp: one directory listing plus a stat each."""
         out = {}

@@ -1,7 +1,8 @@
 """The store watcher: a background thread that keeps this process in step with the shared store.
 
 Every ``interval`` seconds it rescans the refs (``AdapterManager.sync``: one directory listing and a
-stat per ref, so it works on NFS, where inotify sees nothing another host does), renews this
+stat per ref, so it works on NFS, where inotify sees nothing another host does; skipped while the
+refs directory's own stamp is unchanged, with a full listing at least every few seconds), renews this
 process's lease on the versions it may still read, and every ``gc_interval`` seconds runs a
 garbage-collection pass (adapter_store/gc.py). Requests never wait for it: ``resolve`` checks an
 id's ref itself. What the rescan adds is the rest: ids nobody asked about (listing, metrics), and
@@ -38,7 +39,7 @@ class StoreWatcher:
         self._thread.start()
 
     def tick(self) -> None:
-        self.adapters.sync()
+        self.adapters.sync(full=False)
         self.lease.renew(self.adapters.versions_in_use())
         if time.monotonic() >= self._next_gc:
             self._next_gc = time.monotonic() + self.gc_interval

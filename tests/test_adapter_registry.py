@@ -147,3 +147,29 @@ def test_a_tombstone_is_not_re_read_on_every_request(tmp_path, manager_on, v1, m
         with pytest.raises(UnknownAdapter):
             here.acquire("never-stored")
     assert reads == []
+
+
+def test_watcher_ticks_list_the_refs_only_when_their_directory_changed(tmp_path, manager_on, v1, v2,
+                                                                       monkeypatch):
+    here, there = manager_on(tmp_path / "store"), manager_on(tmp_path / "store")
+    now = [0.0]
+    there._clock = lambda: now[0]
+    scans = []
+    real_scan = there.store.scan
+    monkeypatch.setattr(there.store, "scan", lambda: scans.append(1) or real_scan())
+    there.sync()  # a full sync always lists
+    there.sync(full=False)
+    there.sync(full=False)
+    assert len(scans) == 1 and there.names() == []
+    here.add("a", v1)  # another replica's upload renames a ref into the directory
+    there.sync(full=False)
+    assert len(scans) == 2 and there.names() == ["a"]
+    there.sync(full=False)
+    assert len(scans) == 2
+    now[0] += 5.0  # FULL_SCAN_SECONDS: a tick lists again whatever the stamp says
+    there.sync(full=False)
+    assert len(scans) == 3
+    here.remove("a")
+    here.add("b", v2)
+    there.sync(full=False)
+    assert len(scans) == 4 and there.names() == ["b"]
