@@ -314,6 +314,27 @@ static void item(int xy_bf16, int gather_ids, const char *arena, const void *x, 
     }
 }
 
+/* A work item: tokens t0 .. of segment s; w: its rows to stream (the sum of its modules' ranks). */
+typedef struct {
+    int64_t s, t0, w;
+} Item;
+
+/* Heaviest first (then in segment order): with dynamic scheduling the last items taken, which can
+ * leave a thread waiting at the end of the call, are the lightest (ranks 8..64 in one call: a
+ * rank-64 adapter last would idle the other thread for the whole of its stream). */
+static int heavier_first(const void *pa, const void *pb) {
+    const Item *a = pa, *b = pb;
+    if (a->w != b->w) return a->w > b->w ? -1 : 1;
+    return a->s != b->s ? (a->s < b->s ? -1 : 1) : (a->t0 < b->t0 ? -1 : a->t0 > b->t0);
+}
+
+/* Rows a tile of segment s streams per token: the sum of its adapter's ranks over the group's modules. */
+static int64_t seg_work(const Desc *seg_desc, int64_t nmod, const int64_t *mods) {
+    int64_t w = 0;
+    for (int64_t m = 0; m < nmod; m++) w += seg_desc[mods[m]].rank > 0 ? seg_desc[mods[m]].rank : 0;
+    return w;
+}
+
 /* Returns 0, or -1 if memory for the work list could not be allocated.
  * xy_bf16: x and y are bf16 (else fp32). x: [T, K] rows ldx apart (gather: int32[T] token ids);
  * y: rows ldy apart. seg_starts: int64[nseg + 1]; desc: Desc[nseg * desc_stride]; mods, cols,
@@ -322,19 +343,7 @@ int lora_group(int xy_bf16, const void *arena, const void *x, int64_t ldx, void 
                int64_t K, int64_t nseg, const int64_t *seg_starts, const Desc *desc,
                int64_t desc_stride, int64_t nmod, const int64_t *mods, const int64_t *cols,
                const int64_t *widths, int num_threads, int gather_ids, int64_t page_bytes) {
-    int64_t nitems = 0;
-    for (int64_t s = 0; s < nseg; s++) nitems += (seg_starts[s + 1] - seg_starts[s] + TILE - 1) / TILE;
-    if (nitems == 0) return 0;
-    int64_t *items = malloc(sizeof(int64_t) * 2 * (size_t)nitems); /* (segment, first token) */
-    if (!items) return -1;
-    int64_t w = 0;
-    for (int64_t s = 0; s < nseg; s++)
-        for (int64_t t = seg_starts[s]; t < seg_starts[s + 1]; t += TILE) {
-            items[2 * w] = s;
-            items[2 * w + 1] = t;
-            w++;
-        }
-    int64_t max_n = 0, max_rank = 0;
+    int64_t nitems = 0, max_n = 0, max_rank = 0;
     for (int64_t m = 0; m < nmod; m++) {
         max_n = widths[m] > max_n ? widths[m] : max_n;
         for (int64_t s = 0; s < nseg; s++) {
@@ -342,10 +351,18 @@ int lora_group(int xy_bf16, const void *arena, const void *x, int64_t ldx, void 
             max_rank = r > max_rank ? r : max_rank;
         }
     }
-    if (max_rank == 0) { /* no adapter of the step has these modules (e.g. q,k,v,o adapters, MLP group) */
-        free(items);
-        return 0;
+    for (int64_t s = 0; s < nseg; s++)
+        if (seg_work(desc + s * desc_stride, nmod, mods) > 0)
+            nitems += (seg_starts[s + 1] - seg_starts[s] + TILE - 1) / TILE;
+    if (nitems == 0) return 0; /* no adapter of the step has these modules (e.g. q,k,v,o adapters, MLP group) */
+    Item *items = malloc(sizeof(Item) * (size_t)nitems);
+    if (!items) return -1;
+    int64_t n = 0;
+    for (int64_t s = 0; s < nseg; s++) {
+        const int64_t w = seg_work(desc + s * desc_stride, nmod, mods);
+        for (int64_t t = seg_starts[s]; w > 0 && t < seg_starts[s + 1]; t += TILE) items[n++] = (Item){s, t, w};
     }
+    qsort(items, (size_t)nitems, sizeof(Item), heavier_first);
     int failed = 0;
 
 #pragma omp parallel num_threads(num_threads)
@@ -361,7 +378,7 @@ int lora_group(int xy_bf16, const void *arena, const void *x, int64_t ldx, void 
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < nitems; it++) {
             if (!ok) continue;
-            const int64_t s = items[2 * it], t0 = items[2 * it + 1];
+            const int64_t s = items[it].s, t0 = items[it].t0;
             const int64_t end = seg_starts[s + 1];
             const int nt = (int)(end - t0 < TILE ? end - t0 : TILE);
             item(xy_bf16, gather_ids, (const char *)arena, x, ldx, y, ldy, K, page_bytes, desc + s * desc_stride,
