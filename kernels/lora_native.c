@@ -42,7 +42,6 @@
 #define WEIGHTS_BF16 1
 
 typedef uint16_t vh __attribute__((vector_size(VW * 2)));
-typedef uint32_t vu __attribute__((vector_size(VW * 4)));
 
 typedef struct {
     int64_t rank;    /* 0: this segment's adapter lacks the module (or no adapter) */
@@ -70,12 +69,13 @@ static inline __attribute__((always_inline)) float wload1(const void *row, int64
 
 /* v[i * r + j] = scale * dot(A_j, x_i) for i < nt (nt <= TILE), ROWS rows of A at a time: each x
  * load feeds ROWS FMAs, each A load nt, and the ROWS * nt accumulators are independent chains (one
- * chain would wait out the FMA latency at every step: decode is nt = 1). */
+ * chain would wait out the FMA latency at every step: decode is nt = 1). xv: the vector loop's x,
+ * xs itself for fp32 rows, de-interleaved (xpair) for bf16 ones; the tail reads xs. */
 #define ROWS 4
 static inline __attribute__((always_inline)) void shrink(const char *arena, const int64_t *ar, int64_t r,
                                                          float sc, int64_t K, int nt, const float *const xs[TILE],
-                                                         float *v, int wbf16) {
-    const int64_t kv = K - K % VW, item = wbf16 ? 2 : 4;
+                                                         const float *const xv[TILE], float *v, int wbf16) {
+    const int64_t kv = K - K % (2 * VW), item = wbf16 ? 2 : 4;
     int64_t j = 0;
     for (; j + ROWS <= r; j += ROWS) {
         const void *a[ROWS];
@@ -87,16 +87,20 @@ static inline __attribute__((always_inline)) void shrink(const char *arena, cons
         vf c[TILE][ROWS];
         for (int i = 0; i < TILE; i++)
             for (int q = 0; q < ROWS; q++) c[i][q] = (vf){0};
-        for (int64_t k = 0; k < kv; k += VW) {
-            vf w[ROWS];
+        for (int64_t k = 0; k < kv; k += 2 * VW) {
+            vf we[ROWS], wo[ROWS];
             for (int q = 0; q < ROWS; q++) {
-                w[q] = wload(a[q], k, wbf16);
-                __builtin_prefetch(next[q] + k * item, 0, 0);
+                wpair(a[q], k, wbf16, &we[q], &wo[q]);
+                for (int64_t off = 0; off < 2 * VW * item; off += 64)
+                    __builtin_prefetch(next[q] + k * item + off, 0, 0);
             }
             for (int i = 0; i < TILE; i++) {
                 if (i < nt) {
-                    const vf xv = vload(xs[i] + k);
-                    for (int q = 0; q < ROWS; q++) c[i][q] += w[q] * xv;
+                    const vf xe = vload(xv[i] + k), xo = vload(xv[i] + k + VW);
+                    for (int q = 0; q < ROWS; q++) { /* two FMAs (as one expression: a mul, an FMA, an add) */
+                        c[i][q] += we[q] * xe;
+                        c[i][q] += wo[q] * xo;
+                    }
                 }
             }
         }
@@ -111,14 +115,14 @@ static inline __attribute__((always_inline)) void shrink(const char *arena, cons
         const void *a0 = arena + ar[j];
         for (int i = 0; i < nt; i++) {
             vf c0 = {0}, c1 = {0};
-            int64_t k = 0;
-            for (; k + 2 * VW <= kv; k += 2 * VW) {
-                c0 += wload(a0, k, wbf16) * vload(xs[i] + k);
-                c1 += wload(a0, k + VW, wbf16) * vload(xs[i] + k + VW);
+            for (int64_t k = 0; k < kv; k += 2 * VW) {
+                vf we, wo;
+                wpair(a0, k, wbf16, &we, &wo);
+                c0 += we * vload(xv[i] + k);
+                c1 += wo * vload(xv[i] + k + VW);
             }
-            for (; k < kv; k += VW) c0 += wload(a0, k, wbf16) * vload(xs[i] + k);
             float s = vsum(c0 + c1);
-            for (k = kv; k < K; k++) s += wload1(a0, k, wbf16) * xs[i][k];
+            for (int64_t k = kv; k < K; k++) s += wload1(a0, k, wbf16) * xs[i][k];
             v[i * r + j] = s * sc;
         }
     }
@@ -146,14 +150,14 @@ static inline __attribute__((always_inline)) void expand(const char *arena, cons
             for (int64_t j = j1; j < j1 + JBLOCK && j < r; j++) /* the next block's rows, these columns */
                 for (int64_t off = 0; off < NV * VW * item; off += 64)
                     __builtin_prefetch(arena + br[j] + n * item + off, 0, 0);
-            vf acc[TILE][NV];
+            vf acc[TILE][NV]; /* in wpair's order: acc[i][u], acc[i][u + 1] hold columns n + u * VW.. */
             for (int i = 0; i < TILE; i++)
                 if (i < nt)
-                    for (int u = 0; u < NV; u++) acc[i][u] = vload(ys[i] + n + u * VW);
+                    for (int u = 0; u < NV; u += 2) ypair_load(ys[i] + n + u * VW, wbf16, &acc[i][u], &acc[i][u + 1]);
             for (int64_t j = j0; j < j1; j++) {
                 const void *b = arena + br[j];
                 vf bw[NV];
-                for (int u = 0; u < NV; u++) bw[u] = wload(b, n + u * VW, wbf16);
+                for (int u = 0; u < NV; u += 2) wpair(b, n + u * VW, wbf16, &bw[u], &bw[u + 1]);
                 for (int i = 0; i < TILE; i++) {
                     if (i < nt) {
                         const float w = v[i * r + j];
@@ -162,7 +166,7 @@ static inline __attribute__((always_inline)) void expand(const char *arena, cons
                 }
             }
             for (int i = 0; i < nt; i++)
-                for (int u = 0; u < NV; u++) vstore(ys[i] + n + u * VW, acc[i][u]);
+                for (int u = 0; u < NV; u += 2) ypair_store(ys[i] + n + u * VW, acc[i][u], acc[i][u + 1], wbf16);
         }
         for (int64_t n = nv; n + VW <= N; n += VW) { /* whole vectors left over */
             for (int i = 0; i < nt; i++) {
@@ -220,25 +224,21 @@ static inline __attribute__((always_inline)) void expand_piece(const char *arena
 /* One tile (nt <= TILE tokens of one segment) of one module into fp32 rows ys (already offset to
  * the module's first column). in_place: ys is y itself, holding the base output (the epilogue is
  * applied here); else ys is a zeroed delta and the caller applies it (finish_bf16). ids: the
- * tile's token ids for a gather, else NULL. */
-static void tile(const char *arena, const Desc *d, int64_t K, int64_t N, int64_t page_bytes, int nt,
-                 const float *const xs[TILE], const int32_t *ids, float *const ys[TILE], float *v,
-                 int in_place) {
-    const int wbf16 = (d->flags & WEIGHTS_BF16) != 0;
+ * tile's token ids for a gather, else NULL. xps: xs de-interleaved (xpair), for bf16 rows. */
+static inline __attribute__((always_inline)) void tile_body(const char *arena, const Desc *d, int64_t K, int64_t N,
+                                                            int64_t page_bytes, int nt, const float *const xs[TILE],
+                                                            const float *const xps[TILE], const int32_t *ids,
+                                                            float *const ys[TILE], float *v, int in_place,
+                                                            int wbf16) {
     const int64_t *ar = (const int64_t *)(intptr_t)d->a_rows;
     const int64_t r = d->rank, cap = page_bytes / (wbf16 ? 2 : 4), cw = N > cap ? cap : N;
     const float sc = (float)d->scale;
     if (ids)
         gather(arena, ar, r, sc, nt, ids, v, wbf16);
-    else if (wbf16)
-        shrink(arena, ar, r, sc, K, nt, xs, v, 1);
     else
-        shrink(arena, ar, r, sc, K, nt, xs, v, 0);
+        shrink(arena, ar, r, sc, K, nt, xs, wbf16 ? xps : xs, v, wbf16);
     if (cw == N) { /* rows within a page (all but lm_head): no piece loop around the expand */
-        if (wbf16)
-            expand_piece(arena, d, 0, N, nt, v, ys, in_place, 1);
-        else
-            expand_piece(arena, d, 0, N, nt, v, ys, in_place, 0);
+        expand_piece(arena, d, 0, N, nt, v, ys, in_place, wbf16);
         return;
     }
     for (int64_t c = 0; c * cw < N; c++) { /* rows in pieces (lm_head) */
@@ -246,10 +246,25 @@ static void tile(const char *arena, const Desc *d, int64_t K, int64_t N, int64_t
         const int64_t n0 = piece(c, cw, N, &n);
         float *yc[TILE];
         for (int i = 0; i < nt; i++) yc[i] = ys[i] + n0;
-        if (wbf16)
-            expand_piece(arena, d, c, n, nt, v, yc, in_place, 1);
+        expand_piece(arena, d, c, n, nt, v, yc, in_place, wbf16);
+    }
+}
+
+/* tile_body compiled per row dtype and for decode (nt = 1: the loops without their per-token
+ * branches, which cost a bf16 decode row ~20% when its rows are in cache). */
+static void tile(const char *arena, const Desc *d, int64_t K, int64_t N, int64_t page_bytes, int nt,
+                 const float *const xs[TILE], const float *const xps[TILE], const int32_t *ids,
+                 float *const ys[TILE], float *v, int in_place) {
+    if (d->flags & WEIGHTS_BF16) {
+        if (nt == 1)
+            tile_body(arena, d, K, N, page_bytes, 1, xs, xps, ids, ys, v, in_place, 1);
         else
-            expand_piece(arena, d, c, n, nt, v, yc, in_place, 0);
+            tile_body(arena, d, K, N, page_bytes, nt, xs, xps, ids, ys, v, in_place, 1);
+    } else {
+        if (nt == 1)
+            tile_body(arena, d, K, N, page_bytes, 1, xs, xps, ids, ys, v, in_place, 0);
+        else
+            tile_body(arena, d, K, N, page_bytes, nt, xs, xps, ids, ys, v, in_place, 0);
     }
 }
 
@@ -277,12 +292,13 @@ static void finish_bf16(const char *arena, const Desc *d, int64_t N, int64_t pag
 
 /* One work item: tokens t0 .. t0 + nt of a segment, every module of the group. With bf16 x/y, x is
  * widened into xbuf and each module's delta is summed in acc (fp32, zeroed) and added to y once.
+ * For bf16 rows x is de-interleaved once into xbuf + TILE * K, for every module of the group.
  * gather: x holds int32 token ids. */
 static void item(int xy_bf16, int gather_ids, const char *arena, const void *x, int64_t ldx, void *y,
                  int64_t ldy, int64_t K, int64_t page_bytes, const Desc *seg_desc, int64_t nmod,
                  const int64_t *mods, const int64_t *cols, const int64_t *widths, int64_t t0, int nt,
                  float *v, float *xbuf, float *acc) {
-    const float *xs[TILE] = {0};
+    const float *xs[TILE] = {0}, *xps[TILE] = {0};
     const int32_t *ids = gather_ids ? (const int32_t *)x + t0 : NULL;
     for (int i = 0; i < nt && !ids; i++) {
         if (xy_bf16) {
@@ -297,10 +313,15 @@ static void item(int xy_bf16, int gather_ids, const char *arena, const void *x, 
         const Desc *d = seg_desc + mods[m];
         if (d->rank <= 0) continue;
         const int64_t N = d->out < widths[m] ? d->out : widths[m];
+        if (!ids && (d->flags & WEIGHTS_BF16) && !xps[0])
+            for (int i = 0; i < nt; i++) {
+                xpair(xs[i], K, xbuf + (TILE + i) * K);
+                xps[i] = xbuf + (TILE + i) * K;
+            }
         float *ys[TILE];
         if (!xy_bf16) {
             for (int i = 0; i < nt; i++) ys[i] = (float *)y + (t0 + i) * ldy + cols[m];
-            tile(arena, d, K, N, page_bytes, nt, xs, ids, ys, v, 1);
+            tile(arena, d, K, N, page_bytes, nt, xs, xps, ids, ys, v, 1);
             continue;
         }
         uint16_t *yb[TILE];
@@ -309,7 +330,7 @@ static void item(int xy_bf16, int gather_ids, const char *arena, const void *x, 
             ys[i] = acc + i * N;
             yb[i] = (uint16_t *)y + (t0 + i) * ldy + cols[m];
         }
-        tile(arena, d, K, N, page_bytes, nt, xs, ids, ys, v, 0);
+        tile(arena, d, K, N, page_bytes, nt, xs, xps, ids, ys, v, 0);
         finish_bf16(arena, d, N, page_bytes, nt, acc, yb);
     }
 }
@@ -369,8 +390,8 @@ int lora_group(int xy_bf16, const void *arena, const void *x, int64_t ldx, void 
     {
         float *v = malloc(sizeof(float) * (size_t)(TILE * max_rank));
         float *acc = xy_bf16 ? malloc(sizeof(float) * (size_t)(TILE * max_n)) : NULL;
-        float *xbuf = xy_bf16 && !gather_ids ? malloc(sizeof(float) * (size_t)(TILE * K)) : NULL;
-        int ok = v && (!xy_bf16 || (acc && (xbuf || gather_ids)));
+        float *xbuf = gather_ids ? NULL : malloc(sizeof(float) * (size_t)(2 * TILE * K));
+        int ok = v && (xbuf || gather_ids) && (!xy_bf16 || acc);
         if (!ok) {
 #pragma omp atomic write
             failed = 1;

@@ -21,20 +21,25 @@ TOL32 = {"atol": 1e-4, "rtol": 1e-4}
 
 
 @pytest.mark.parametrize("rank", [1, 5, 16])
-def test_native_vector_tails_against_dense(rank: int) -> None:
-    """Widths that are not multiples of the kernel's 8/16-float vectors, odd ranks, 1..7-token runs."""
-    group = LoraGroup("gate_up", ("gate_proj", "up_proj"), 37, (21, 40))
+@pytest.mark.parametrize(("rows_dtype", "k", "widths"), [(None, 37, (21, 40)), (None, 75, (21, 120)),
+                                                         ("bfloat16", 75, (21, 120))])
+def test_native_vector_tails_against_dense(rank: int, rows_dtype: str | None, k: int,
+                                           widths: tuple[int, int]) -> None:
+    """Widths that are not multiples of the kernel's 8/16-float vectors, odd ranks, 1..7-token runs;
+    75 and 120: past the 2 x 16-float blocks of the fp32 and bf16 (de-interleaved) loops, with their
+    whole-vector and scalar tails, in both row dtypes."""
+    group = LoraGroup("gate_up", ("gate_proj", "up_proj"), k, widths)
     gen = torch.Generator().manual_seed(rank)
     arena = torch.randn(256, LAYOUT.page_elems)
     alloc = PageAlloc(256, seed=rank)
     tables, dense = [], []
     for uid, r in ((1, rank), (2, rank + 2)):
-        mats = {(0, m): add_matrix(arena, alloc, r, 37, w, gen) for m, w in zip(group.modules, group.widths,
-                                                                               strict=True)}
-        tables.append(AdapterPageTable(uid, {key: m for key, (m, _) in mats.items()}))
+        mats = {(0, m): add_matrix(storage_view(arena, rows_dtype), alloc, r, k, w, gen)
+                for m, w in zip(group.modules, group.widths, strict=True)}
+        tables.append(AdapterPageTable(uid, {key: m for key, (m, _) in mats.items()}, dtype=rows_dtype))
         dense.append({key: d for key, (_, d) in mats.items()})
     seg_starts, seg_slots = [0, 7, 8, 11, 13], [0, 1, -1, 1]
-    x = torch.randn(13, 37)
+    x = torch.randn(13, k)
     y = torch.randn(13, sum(group.widths))
     expected = y.double().clone()
     for s, slot in enumerate(seg_slots):
