@@ -18,7 +18,7 @@ decode: 64 adapters' stack is 1.1 MB to copy). Everything here is host memory: n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -68,25 +68,45 @@ class AdapterRows:
         base, size = self.rows.data_ptr(), self.rows.element_size()
         flags = WEIGHTS_BF16 if view.dtype == torch.bfloat16 else 0
         desc = torch.zeros(num_layers, MODULES, DESC_FIELDS, dtype=torch.int64)
-        scales = torch.zeros(num_layers, MODULES, dtype=torch.float64)
+        layers, mods, fields, scales = [], [], [], []  # one indexed write, not one per module
         for (layer, module), (first_a, first_b, first_g) in spans.items():
-            m, mat = MODULE_INDEX[module], table.modules[(layer, module)]
+            mat = table.modules[(layer, module)]
             g_rows = base + first_g * size if first_g >= 0 else 0
-            desc[layer, m] = torch.tensor([mat.rank, base + first_a * size, base + first_b * size, 0, flags,
-                                           g_rows, mat.out_features, int(mat.replace)])
-            scales[layer, m] = mat.scale
-        desc[:, :, 3] = scales.view(torch.int64)
+            layers.append(layer)
+            mods.append(MODULE_INDEX[module])
+            fields.append([mat.rank, base + first_a * size, base + first_b * size, 0, flags, g_rows,
+                           mat.out_features, int(mat.replace)])
+            scales.append(mat.scale)
+        if fields:
+            rows = torch.tensor(fields, dtype=torch.int64)
+            rows[:, 3] = torch.tensor(scales, dtype=torch.float64).view(torch.int64)  # the double's bits
+            desc[torch.tensor(layers), torch.tensor(mods)] = rows
         self.desc = desc
+
+
+def _runs(pages: tuple[int, ...], row0: int, rank: int, row_len: int,
+          elems: int) -> Iterator[tuple[int, int, int]]:
+    """``(first row, rows, element offset in the arena)`` of each run of a matrix's ``rank`` rows that
+    share a page (contiguous there: layout in server/page_layout.py), in pages of ``elems``."""
+    rpp = elems // row_len
+    if rpp < 1 or len(pages) * rpp < row0 + rank:
+        raise ValueError(f"{rank} rows of {row_len} do not fit {len(pages)} pages of {elems}")
+    j = 0
+    while j < rank:
+        page, slot = divmod(row0 + j, rpp)
+        n = min(rank - j, rpp - slot)
+        yield j, n, pages[page] * elems + slot * row_len
+        j += n
 
 
 def _row_offsets(pages: tuple[int, ...], row0: int, rank: int, row_len: int, elems: int,
                  item: int) -> list[int]:
-    """Byte offset of each of ``rank`` rows (layout: server/page_layout.py) in pages of ``elems``
-    elements of ``item`` bytes."""
-    rpp = elems // row_len
-    if rpp < 1 or len(pages) * rpp < row0 + rank:
-        raise ValueError(f"{rank} rows of {row_len} do not fit {len(pages)} pages of {elems}")
-    return [(pages[(row0 + j) // rpp] * elems + ((row0 + j) % rpp) * row_len) * item for j in range(rank)]
+    """Byte offset of each of ``rank`` rows in pages of ``elems`` elements of ``item`` bytes."""
+    step = row_len * item
+    out: list[int] = []
+    for _, n, start in _runs(pages, row0, rank, row_len, elems):
+        out.extend(range(start * item, (start + n * row_len) * item, step))
+    return out
 
 
 def write_adapter_rows(arena: torch.Tensor, matrices: list[Matrix]) -> None:
@@ -109,19 +129,13 @@ def write_adapter_rows(arena: torch.Tensor, matrices: list[Matrix]) -> None:
         src = to_stored(rows, elems).to(arena.dtype).contiguous()
         num_rows, row_len = src.shape
         keep.append(src)
-        rpp = elems // row_len
-        if rpp < 1 or len(pages) * rpp < row0 + num_rows:
-            raise ValueError(f"{num_rows} rows of {row_len} do not fit {len(pages)} pages of {elems}")
-        if num_rows and (min(pages) < 0 or max(pages) * elems * item + elems * item > limit):
+        runs = list(_runs(pages, row0, num_rows, row_len, elems))
+        if num_rows and (min(pages) < 0 or (max(pages) + 1) * elems * item > limit):
             raise ValueError("a matrix's pages lie outside the arena")
-        j = 0
-        while j < num_rows:  # one run per page the rows touch
-            page, slot = divmod(row0 + j, rpp)
-            n = min(num_rows - j, rpp - slot)
-            dsts.append((pages[page] * elems + slot * row_len) * item)
+        for j, n, start in runs:
+            dsts.append(start * item)
             srcs.append(src.data_ptr() + j * row_len * item)
             lens.append(n * row_len * item)
-            j += n
     if dsts:
         t = [torch.tensor(v, dtype=torch.int64) for v in (dsts, srcs, lens)]
         lib.copy_rows(arena.data_ptr(), len(dsts), t[0].data_ptr(), t[1].data_ptr(), t[2].data_ptr(),
