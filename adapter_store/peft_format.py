@@ -163,8 +163,13 @@ def load_peft_adapter(
     check_base_layers_and_copies(found, copies)
     weights = {}
     with open(path / WEIGHTS_NAME, "rb") as f:
+        bulk = _read_all(f, [found[key][part] for key in targets for part in (A, B)], dtype)
+
         def read(layer: int, name: str, part: str, to: torch.dtype = dtype) -> torch.Tensor:
-            return _read_tensor(f, found[(layer, name)][part], layer, name, part, to)
+            entry = found[(layer, name)][part]
+            if bulk is not None and to == dtype and entry.name in bulk:
+                return bulk[entry.name]
+            return _read_tensor(f, entry, layer, name, part, to)
 
         for (layer, name), (rank, alpha) in sorted(targets.items()):
             dora = MAGNITUDE in found[(layer, name)]
@@ -226,6 +231,28 @@ def _read_tensor(f: Any, e: TensorEntry, layer: int, name: str, side: str,
         what = "contains NaN or Inf values" if not _finite(src) else f"overflows when cast to {dtype}"
         raise InvalidAdapter(f"tensor {_key(layer, name, side)} {what}", param=WEIGHTS_NAME)
     return out
+
+
+def _read_all(f: Any, entries: list[TensorEntry], dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """``entries`` (the LoRA factors: nearly all of a file's bytes) with one read, one cast to ``dtype``
+    and one finiteness check for the span they cover, as views of that one tensor; None when they
+    differ in dtype, are not aligned to it, or the span is not all finite (bytes of other tensors may
+    lie in it): the caller then reads each with ``_read_tensor``, which names a bad one. Per tensor,
+    the read, cast and check were ~5 ms of a q,k,v,o adapter's 240 tensors."""
+    if not entries or len({e.dtype for e in entries}) != 1:
+        return None
+    stored = _TORCH_DTYPES[entries[0].dtype]
+    item, lo, hi = stored.itemsize, min(e.begin for e in entries), max(e.end for e in entries)
+    if any((e.begin - lo) % item or (e.end - e.begin) % item for e in entries) or (hi - lo) % item:
+        return None
+    buf = bytearray(hi - lo)
+    f.seek(lo)
+    if f.readinto(buf) != len(buf):
+        return None
+    flat = torch.frombuffer(buf, dtype=stored).to(dtype) if buf else torch.empty(0, dtype=dtype)
+    if not _finite(flat):
+        return None
+    return {e.name: flat[(e.begin - lo) // item:(e.end - lo) // item].view(e.shape) for e in entries}
 
 
 def _key(layer: int, name: str, part: str) -> str:

@@ -134,6 +134,21 @@ def test_half_weights_cast_to_float32(make_peft_adapter, tiny_model_config, dtyp
     assert_matches_peft(parsed, peft_model)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_factors_are_read_in_one_pass(make_peft_adapter, tiny_model_config, dtype, monkeypatch):
+    """A file whose factors share a dtype: one read and cast for all of them (no per-tensor read),
+    the same values as the per-tensor path."""
+    import adapter_store.peft_format as pf
+
+    path, peft_model = make_peft_adapter(r=8, target_modules=["q_proj", "v_proj"], dtype=dtype)
+    per_tensor = []
+    real = pf._read_tensor
+    monkeypatch.setattr(pf, "_read_tensor", lambda *a: per_tensor.append(a[1].name) or real(*a))
+    parsed = load_peft_adapter(path, tiny_model_config, dtype=torch.float32)
+    assert per_tensor == []
+    assert_matches_peft(parsed, peft_model)
+
+
 def test_tolerates_default_adapter_name_in_keys(make_peft_adapter, tiny_model_config):
     path, peft_model = make_peft_adapter(r=8, target_modules=["q_proj"])
     tensors = load_file(path / WEIGHTS_NAME)
