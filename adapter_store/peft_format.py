@@ -243,7 +243,7 @@ def _read_all(f: Any, entries: list[TensorEntry], dtype: torch.dtype) -> dict[st
         return None
     stored = _TORCH_DTYPES[entries[0].dtype]
     item, lo, hi = stored.itemsize, min(e.begin for e in entries), max(e.end for e in entries)
-    if any((e.begin - lo) % item or (e.end - e.begin) % item for e in entries) or (hi - lo) % item:
+    if any((e.begin - lo) % item or (e.end - e.begin) % item for e in entries):  # then hi - lo too
         return None
     buf = bytearray(hi - lo)
     f.seek(lo)

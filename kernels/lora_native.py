@@ -215,7 +215,7 @@ class NativeLoraBackend(LoraBackend):
         self.lib = lib
         self._rows: dict[int, AdapterRows] = {}
         self._groups: dict[LoraGroup, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._last: dict[bool, _Rows] = {}  # the last step's rows (tokens: False, samples: True)
+        self._last: dict[str, _Rows] = {}  # the last step's rows, "tokens" and "samples"
 
     def write_adapter(self, table: AdapterPageTable, weights: AdapterWeights) -> None:
         if storage_dtype(self.arena, table.dtype) not in NATIVE_DTYPES:
@@ -243,13 +243,14 @@ class NativeLoraBackend(LoraBackend):
 
     def prepare_step(self, segments: LoraSegments, adapters: Sequence[AdapterPageTable],
                      pack: StepPack, samples: LoraSegments | None = None) -> LoraStep:
-        def rows(seg: LoraSegments, kind: bool) -> _Rows:
+        def rows(seg: LoraSegments, kind: str) -> _Rows:
             tables = [None if slot < 0 else self.adapter_rows(adapters[slot]) for slot in seg.seg_slots]
             out = _Rows(self.layout.num_layers, seg.seg_starts, tables, self._last.get(kind))
             self._last[kind] = out
             return out
 
-        return NativeStep(self, rows(segments, False), None if samples is None else rows(samples, True))
+        return NativeStep(self, rows(segments, "tokens"),
+                          None if samples is None else rows(samples, "samples"))
 
     def __contains__(self, uid: int) -> bool:
         return uid in self._rows
