@@ -58,13 +58,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def prepare_adapters(needed: set[str]) -> dict[str, Path]:
     """Generate (once) and return the root dir of each adapter family in ``needed``."""
+    import json
+
     import torch
 
     from benchmarks.adapters import ensure_adapters
-    from server.gguf_loader import GGUFFile
-    from server.loader import default_model_path
+    from server.model_config import ModelConfig
 
-    cfg = GGUFFile(default_model_path()).config()  # metadata only: no weights needed here
+    # The serving dir's config.json is the GGUF's metadata as written by ensure_serving_dir; parsing
+    # the GGUF again (its ~50k-entry token arrays) cost 2-3 s of every benchmark run.
+    cfg = ModelConfig.from_hf_dict(json.loads((ensure_serving_dir(SERVING_DIR) / "config.json").read_text()))
     roots = {name: ensure_adapters(CACHE / "adapters" / name, family(name), cfg, torch.bfloat16)
              for name in sorted(needed) if name in FAMILIES}
     marker = CACHE / "adapters" / ".validated"
@@ -179,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         systems.discard("vllm")
     wanted = args.scenarios.split(",") if args.scenarios else None
     chosen = [p for p in plans(args.quick, args.all_peers) if wanted is None or p.scenario.name in wanted]
-    roots = prepare_adapters({p.family for p in chosen if p.family} | {"k2"})
-    ensure_serving_dir(SERVING_DIR)
+    roots = prepare_adapters({p.family for p in chosen if p.family} | {"k2"})  # makes SERVING_DIR too
     if "vllm" in systems:
         from benchmarks.model_dir import ensure_hf_dir
 
