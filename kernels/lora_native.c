@@ -412,13 +412,3 @@ int lora_group(int xy_bf16, const void *arena, const void *x, int64_t ldx, void 
     free(items);
     return failed ? -1 : 0;
 }
-
-/* Copy n rows into the arena: row i is lens[i] bytes from address srcs[i] to byte offset dsts[i].
- * Used to write an adapter's rows into its pages (one call per adapter instead of one indexed
- * copy per matrix). The caller converts the rows to the storage dtype and checks the offsets. */
-void copy_rows(void *arena, int64_t n, const int64_t *dsts, const int64_t *srcs, const int64_t *lens,
-               int num_threads) {
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int64_t i = 0; i < n; i++)
-        memcpy((char *)arena + dsts[i], (const void *)(intptr_t)srcs[i], (size_t)lens[i]);
-}

@@ -18,21 +18,15 @@ decode: 64 adapters' stack is 1.1 MB to copy). Everything here is host memory: n
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from kernels.lora import LoraSegments
 from kernels.lora_backend import LoraBackend, LoraStep
-from kernels.lora_pages import (
-    AdapterWeights,
-    Matrix,
-    adapter_matrices,
-    storage_dtype,
-    storage_view,
-    to_stored,
-)
+from kernels.lora_pages import AdapterWeights, adapter_matrices, storage_dtype, storage_view
 from kernels.native_lib import library
+from kernels.page_rows import Placement, row_offsets, write_adapter_rows
 from kernels.step_buffer import StepPack
 from server.model_config import GATHER, KERNEL_MODULES, SAMPLES, LoraGroup
 from server.page_layout import AdapterPageTable, PageLayout, stored_shape
@@ -50,20 +44,23 @@ class AdapterRows:
 
     def __init__(self, table: AdapterPageTable, num_layers: int, arena: torch.Tensor) -> None:
         view = storage_view(arena, table.dtype)
-        item, elems = view.element_size(), view.shape[1]
-        offsets: list[int] = []
-        spans: dict[tuple[int, str], tuple[int, int, int]] = {}
+        elems = view.shape[1]
+        places: list[Placement] = []
+        spans: dict[tuple[int, str], tuple[int, int, int]] = {}  # first row of A, B^T and g (or -1)
+        total = 0
         for key, mat in table.modules.items():
             starts = []
             g_shape = (1, mat.out_features) if mat.dora else None
             for pages, row0, shape in ((mat.a_pages, mat.a_row0, mat.a_shape),
                                        (mat.b_pages, mat.b_row0, (mat.rank, mat.out_features)),
                                        (mat.g_pages, mat.g_row0, g_shape)):
-                starts.append(len(offsets) if shape else -1)
+                starts.append(total if shape else -1)
                 if shape:
-                    offsets += _row_offsets(pages, row0, *stored_shape(*shape, elems), elems, item)
+                    places.append((pages, row0, *stored_shape(*shape, elems)))
+                    total += places[-1][2]
             spans[key] = tuple(starts)
-        self.rows = torch.tensor(offsets or [0], dtype=torch.int64)
+        offsets = row_offsets(places, elems, view.element_size())
+        self.rows = offsets if len(offsets) else torch.zeros(1, dtype=torch.int64)
         self.modules = frozenset(m for _, m in table.modules)  # in some layer (or model-wide)
         base, size = self.rows.data_ptr(), self.rows.element_size()
         flags = WEIGHTS_BF16 if view.dtype == torch.bfloat16 else 0
@@ -82,64 +79,6 @@ class AdapterRows:
             rows[:, 3] = torch.tensor(scales, dtype=torch.float64).view(torch.int64)  # the double's bits
             desc[torch.tensor(layers), torch.tensor(mods)] = rows
         self.desc = desc
-
-
-def _runs(pages: tuple[int, ...], row0: int, rank: int, row_len: int,
-          elems: int) -> Iterator[tuple[int, int, int]]:
-    """``(first row, rows, element offset in the arena)`` of each run of a matrix's ``rank`` rows that
-    share a page (contiguous there: layout in server/page_layout.py), in pages of ``elems``."""
-    rpp = elems // row_len
-    if rpp < 1 or len(pages) * rpp < row0 + rank:
-        raise ValueError(f"{rank} rows of {row_len} do not fit {len(pages)} pages of {elems}")
-    j = 0
-    while j < rank:
-        page, slot = divmod(row0 + j, rpp)
-        n = min(rank - j, rpp - slot)
-        yield j, n, pages[page] * elems + slot * row_len
-        j += n
-
-
-def _row_offsets(pages: tuple[int, ...], row0: int, rank: int, row_len: int, elems: int,
-                 item: int) -> list[int]:
-    """Byte offset of each of ``rank`` rows in pages of ``elems`` elements of ``item`` bytes."""
-    step = row_len * item
-    out: list[int] = []
-    for _, n, start in _runs(pages, row0, rank, row_len, elems):
-        out.extend(range(start * item, (start + n * row_len) * item, step))
-    return out
-
-
-def write_adapter_rows(arena: torch.Tensor, matrices: list[Matrix]) -> None:
-    """Copy each ``rows [r, row_len]`` into ``arena`` (a storage view ``[num_pages, elems]``) at its
-    pages from its ``row0`` (layout: server/page_layout.py; rows longer than a page are cut first).
-
-    Same result as ``write_matrix_rows`` per matrix, in one kernel call; rows are cast to the
-    arena's dtype first. Unused page tails are left as they are: no reader looks past a matrix's
-    ``rank`` rows. A matrix's rows that share a page are one contiguous run there (and in ``rows``):
-    one copy per run, so the Python work per matrix is per page, not per row (a q,k,v,o adapter has
-    240 matrices; per row it was ~10 ms of the engine thread per adapter loaded).
-    """
-    lib = library()
-    assert lib is not None, "write_adapter_rows used without the kernel"
-    if arena.device.type != "cpu" or not arena.is_contiguous():
-        raise ValueError("the arena must be a contiguous CPU tensor [num_pages, elems]")
-    item, elems, limit = arena.element_size(), arena.shape[1], arena.numel() * arena.element_size()
-    keep, dsts, srcs, lens = [], [], [], []
-    for rows, pages, row0 in matrices:
-        src = to_stored(rows, elems).to(arena.dtype).contiguous()
-        num_rows, row_len = src.shape
-        keep.append(src)
-        runs = list(_runs(pages, row0, num_rows, row_len, elems))
-        if num_rows and (min(pages) < 0 or (max(pages) + 1) * elems * item > limit):
-            raise ValueError("a matrix's pages lie outside the arena")
-        for j, n, start in runs:
-            dsts.append(start * item)
-            srcs.append(src.data_ptr() + j * row_len * item)
-            lens.append(n * row_len * item)
-    if dsts:
-        t = [torch.tensor(v, dtype=torch.int64) for v in (dsts, srcs, lens)]
-        lib.copy_rows(arena.data_ptr(), len(dsts), t[0].data_ptr(), t[1].data_ptr(), t[2].data_ptr(),
-                      torch.get_num_threads())
 
 
 class _Rows:

@@ -1,5 +1,6 @@
-"""Building and loading the CPU C kernels: LoRA (``kernels/lora_native.c``, used by kernels/lora_native.py)
-and the base model's fused ops (``kernels/model_native.c``, used by kernels/model_native.py).
+"""Building and loading the CPU C kernels: LoRA (``kernels/lora_native.c``, used by kernels/lora_native.py),
+the base model's fused ops (``kernels/model_native.c``, used by kernels/model_native.py) and an
+adapter's load (``kernels/adapter_copy.c``: its file's finiteness check, its rows into its pages).
 
 The C sources are compiled on first use, into one shared library, with the system C compiler into a per-
 user cache (``$LORA_SERVER_KERNEL_CACHE``, default ``~/.cache/lora-server/kernels``), keyed by a hash of
@@ -23,7 +24,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("lora_native.c", "model_native.c"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("lora_native.c", "model_native.c", "adapter_copy.c"))
 HEADERS = (Path(__file__).with_name("native_simd.h"),)  # included by the sources: part of the cache key
 # Reassociation lets the compiler vectorize the dot products; NaN/inf semantics are kept.
 BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fassociative-math",
@@ -97,7 +98,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     sigs = {
         "lora_group": (i32, [i32, p, p, i64, p, i64, i64, i64, p, p, i64, i64, p, p, p, i32, i32, i64]),
-        "copy_rows": (None, [p, i64, p, p, p, i32]),
+        "scatter_rows": (None, [p, i32, i64, p, p]),
+        "all_finite": (i32, [p, i64, i32]),
+        "row_offsets": (i32, [i64, p, p, i64, i64, i64, p]),
         "add_rms_norm": (i32, [i32, p, i64, p, i64, p, p, i64, i64, i64, f32, i32]),
         "silu_mul": (i32, [i32, p, i64, p, i64, i64, i64, i32]),
         "rope_store_kv": (i32, [i32, p, i64, i64, i64, i64, i64, p, p, p, p, p, i64, i32]),

@@ -7,10 +7,11 @@ import torch
 
 from kernels.backend import lora_backend_name, select_lora_backend
 from kernels.lora import LoraSegments
-from kernels.lora_native import NativeLoraBackend, write_adapter_rows
+from kernels.lora_native import NativeLoraBackend
 from kernels.lora_pages import read_matrix_rows, storage_view, write_matrix_rows
 from kernels.lora_torch import TorchLoraBackend
 from kernels.native_lib import available, build
+from kernels.page_rows import write_adapter_rows
 from kernels.step_buffer import StepPack
 from server.model_config import LoraGroup
 from server.page_layout import AdapterPageTable
