@@ -6,8 +6,9 @@ manifest against the name, then each file against the manifest. Bit rot, a torn 
 volumes, or a hand-edited file is caught here and the adapter is refused, never served with wrong
 weights (which would be silent: corrupted weights still parse).
 
-Hashing streams each file in 1 MiB chunks (no more memory than that); it reads the bytes parsing
-reads anyway, and sha256 runs at several hundred MB/s, cheap next to building the tensors.
+Hashing streams each file in 1 MiB chunks (no more memory than that), except the one file a loader
+asks to keep (``read_version``): that one is read whole into one buffer, hashed, and handed to the
+parser, so the bytes parsed are the bytes checked and are read from disk once.
 
 A file that is missing or not a regular file (a directory, a FIFO) is an I/O fault (``OSError``),
 not corruption: the bytes were not there to check.
@@ -36,6 +37,14 @@ def verify_version(path: Path) -> dict[str, str]:
     Returns ``{file name: sha256}`` of the files it checked. Raises IntegrityError on any mismatch,
     FileNotFoundError or another OSError if a file can't be read.
     """
+    return read_version(path, None)[0]
+
+
+def read_version(path: Path, keep: str | None,
+                 max_keep: int = 1 << 62) -> tuple[dict[str, str], bytearray | None]:
+    """``verify_version``, also returning the bytes of file ``keep`` if the manifest lists it at no
+    more than ``max_keep`` bytes (else None). Those are read once, whole, and hashed as read: the
+    bytes returned are the bytes checked (a caller parsing them reads nothing twice)."""
     manifest = _read_regular(path / MANIFEST_NAME)
     digest = hashlib.sha256(manifest).hexdigest()
     if digest != path.name:
@@ -45,12 +54,17 @@ def verify_version(path: Path) -> dict[str, str]:
                  for name, rec in json.loads(manifest)["files"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # hash matched: written so
         raise IntegrityError(f"{path / MANIFEST_NAME}: malformed manifest ({exc})") from exc
+    kept = None
     for name, (want, size) in sorted(files.items()):
-        got_size, got = hash_regular_file(path / name)
+        if name == keep and size <= max_keep:
+            kept = _read_regular(path / name, size + 1)  # one byte more: a grown file is caught
+            got_size, got = len(kept), hashlib.sha256(kept).hexdigest()
+        else:
+            got_size, got = hash_regular_file(path / name)
         if got_size != size or got != want:
             raise IntegrityError(f"{path / name}: {got_size} bytes with sha256 {got}; the manifest "
                                  f"says {size} bytes with sha256 {want}")
-    return {name: sha for name, (sha, _) in files.items()}
+    return {name: sha for name, (sha, _) in files.items()}, kept
 
 
 def is_intact(path: Path) -> bool:
@@ -74,10 +88,18 @@ def hash_regular_file(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _read_regular(path: Path) -> bytes:
+def _read_regular(path: Path, limit: int = -1) -> bytearray:
+    """The file's bytes (at most ``limit`` of them), read into one buffer in place."""
     with open(path, "rb") as f:
         _check_regular(f.fileno(), path)
-        return f.read()
+        size = os.fstat(f.fileno()).st_size
+        want = size if limit < 0 else min(size, limit)
+        buf = bytearray(want)
+        got = f.readinto(buf)
+        del buf[got:]  # the file shrank since the stat
+        if got == want and (limit < 0 or got < limit):  # or grew
+            buf += f.read(-1 if limit < 0 else limit - got)
+        return buf
 
 
 def _check_regular(fd: int, path: Path) -> None:

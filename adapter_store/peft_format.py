@@ -7,39 +7,34 @@ are refused because unpickling runs arbitrary code.
 
 Reading is lazy: the safetensors header is parsed and every check that needs only names, dtypes and
 shapes (modules, layers, ranks against the config and the base model) runs before any tensor byte
-is read; then tensors are read one at a time, by offset, into their own buffers. Peak memory is
-the parsed adapter plus one tensor, not the file two or three times over. Plain reads, not mmap:
-a store file truncated under a mapping would kill the process with SIGBUS.
+is read (adapter_store/peft_plan.py, cached per config and header); then tensors are read by offset:
+the LoRA factors in one read when they share a dtype, the rest one at a time. Peak memory is the
+parsed adapter plus one tensor, not the file two or three times over; a caller that has the file's
+bytes already (the store's loader: it hashed them) passes them, and tensors are views of them
+where no cast is needed. Plain reads, not mmap: a store file truncated under a mapping would kill
+the process with SIGBUS.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import math
+import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from adapter_store.fsio import sha256_file
-from adapter_store.peft_config import LoraConfigInfo, parse_adapter_config, with_targets
-from adapter_store.peft_embeddings import adapter_vocab, check_base_layers_and_copies, with_vocab
-from adapter_store.peft_keys import (
-    BASE_LAYER,
-    COPY,
-    MAGNITUDE,
-    WEIGHTS_NAME,
-    A,
-    B,
-    parse_key,
-    site,
-    tensor_key,
-)
-from adapter_store.safetensors_header import TensorEntry, read_header
-from server.errors import AdapterIncompatible, InvalidAdapter
-from server.model_config import MODEL_LAYER, ModelConfig
+from adapter_store.peft_config import LoraConfigInfo, parse_adapter_config
+from adapter_store.peft_keys import BASE_LAYER, COPY, MAGNITUDE, WEIGHTS_NAME, A, B, tensor_key
+from adapter_store.peft_plan import CONFIG_NAME, TORCH_DTYPES, LoadPlan, load_plan
+from adapter_store.safetensors_header import TensorEntry, file_header_bytes, header_bytes
+from server.errors import InvalidAdapter
+from server.model_config import ModelConfig
 
 __all__ = [
     "CONFIG_NAME",
@@ -55,13 +50,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
 # An adapter's own tokenizer (saved beside it when tokens were added): a fast tokenizer's files.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_CONFIG_BYTES = 1 << 20  # a real adapter_config.json is ~1 KB
-_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_FINITE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # kernels/adapter_copy.c
 
 
 @dataclass(frozen=True)
@@ -104,9 +98,9 @@ class ParsedAdapter:
     vocab_size: int = 0
     source_dtype: torch.dtype | None = None  # the one dtype of its tensors in the file (None: mixed)
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
-        """Host bytes held by all tensors."""
+        """Host bytes held by all tensors (asked by the host cache and the size checks of a load)."""
         return (sum(w.nbytes for w in self.weights.values())
                 + sum(t.nbytes for t in (*self.base_layers.values(), *self.copies.values())))
 
@@ -136,10 +130,14 @@ def check_adapter_files(names: set[str]) -> None:
 
 def load_peft_adapter(
     path: Path, model: ModelConfig, max_rank: int = 256, dtype: torch.dtype = torch.float32,
-    checksum: str | None = None,
+    checksum: str | None = None, data: bytearray | None = None, keep_bf16: bool = False,
 ) -> ParsedAdapter:
     """Parse and validate the PEFT dir ``path`` against ``model``; tensors are cast to ``dtype``.
-    ``checksum``: the weights file's sha256 if the caller has just verified it (else it is hashed).
+    ``checksum``: the weights file's sha256 if the caller has just verified it (else it is hashed);
+    ``data``: the weights file's bytes if the caller has read them (they are not read again).
+    ``keep_bf16``: the LoRA factors of a plain adapter (A and B only, all bf16 in the file) stay bf16
+    (views of ``data``) when ``dtype`` is float32 or bfloat16: exact in either, so the pool's writer
+    casts them as it copies them (kernels/page_rows.py) and the host holds half the bytes.
 
     Raises InvalidAdapter (malformed or unsupported) or AdapterIncompatible (does not fit ``model``
     or exceeds ``max_rank``); messages name the offending field, module, layer or tensor.
@@ -147,44 +145,16 @@ def load_peft_adapter(
     path = Path(path)
     names = {p.name for p in path.iterdir()} if path.is_dir() else set()
     check_adapter_files(names)
-    config = parse_adapter_config(_read_json(path / CONFIG_NAME))
-    targets = config.resolve(model)
-    config = with_targets(config, {name for _, name in targets})
-    _check_ranks(targets, max_rank)
-    found = _group_entries(read_header(path / WEIGHTS_NAME, WEIGHTS_NAME), model.num_layers)
-    model = with_vocab(model, adapter_vocab(found, model))  # added tokens: embed/lm_head are wider
-    _check_coverage({k for k, parts in found.items() if set(parts) - {COPY}}, set(targets))
-    shapes = model.lora_shapes()
-    for (layer, name), (rank, _) in sorted(targets.items()):
-        parts = found[(layer, name)]
-        _check_shapes(layer, name, *_ab(layer, name, parts), rank, shapes[name])
-        _check_magnitude(layer, name, parts.get(MAGNITUDE), config.use_dora, shapes[name][1])
-    copies = config.copies(model)
-    check_base_layers_and_copies(found, copies)
-    weights = {}
-    with open(path / WEIGHTS_NAME, "rb") as f:
-        bulk = _read_all(f, [found[key][part] for key in targets for part in (A, B)], dtype)
-
-        def read(layer: int, name: str, part: str, to: torch.dtype = dtype) -> torch.Tensor:
-            entry = found[(layer, name)][part]
-            if bulk is not None and to == dtype and entry.name in bulk:
-                return bulk[entry.name]
-            return _read_tensor(f, entry, layer, name, part, to)
-
-        for (layer, name), (rank, alpha) in sorted(targets.items()):
-            dora = MAGNITUDE in found[(layer, name)]
-            weights[(layer, name)] = LoraWeights(
-                a=read(layer, name, A), b=read(layer, name, B), rank=rank,
-                scale=config.scale_for(rank, alpha),
-                magnitude=read(layer, name, MAGNITUDE, torch.float32) if dora else None)
-        base_layers = {name: read(layer, name, BASE_LAYER) for (layer, name), parts in sorted(found.items())
-                       if BASE_LAYER in parts}
-        full = {name: read(MODEL_LAYER, name, COPY) for name in copies}
-    checksum = checksum or sha256_file(path / WEIGHTS_NAME)
-    dtypes = {_TORCH_DTYPES.get(e.dtype) for parts in found.values() for e in parts.values()}
-    parsed = ParsedAdapter(config=config, weights=weights, checksum=checksum, base_layers=base_layers,
-                           copies=full, vocab_size=model.vocab_size,
-                           source_dtype=dtypes.pop() if len(dtypes) == 1 else None)
+    config_raw = _read_config(path / CONFIG_NAME)
+    with _Source(path / WEIGHTS_NAME, data) as src:
+        plan = load_plan(config_raw, src.header(), src.size, model, max_rank)
+        keep = (keep_bf16 and plan.plain and plan.source_dtype == torch.bfloat16
+                and dtype in (torch.float32, torch.bfloat16))
+        weights, base_layers, full = _read_tensors(src, plan, torch.bfloat16 if keep else dtype)
+    if checksum is None:
+        checksum = sha256_file(path / WEIGHTS_NAME) if data is None else hashlib.sha256(data).hexdigest()
+    parsed = ParsedAdapter(config=plan.config, weights=weights, checksum=checksum, base_layers=base_layers,
+                           copies=full, vocab_size=plan.model.vocab_size, source_dtype=plan.source_dtype)
     logger.info(
         "parsed adapter %s: %d modules, ranks %s, %d bytes",
         path, len(weights), parsed.ranks, parsed.nbytes,
@@ -193,151 +163,139 @@ def load_peft_adapter(
     return parsed
 
 
-def _check_ranks(targets: dict[tuple[int, str], tuple[int, float]], max_rank: int) -> None:
-    for (layer, name), (rank, _) in sorted(targets.items()):
-        if rank > max_rank:
-            raise AdapterIncompatible(
-                f"{site(layer, name)} has rank r={rank}, above this server's max_rank={max_rank}",
-                param="r",
-            )
+def _read_tensors(src: _Source, plan: LoadPlan, dtype: torch.dtype) -> tuple[
+        dict[tuple[int, str], LoraWeights], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The plan's tensors: LoRA factors in ``dtype`` (one read when they share a dtype), DoRA
+    magnitudes in float32, saved base layers and full copies in ``dtype``."""
+    bulk = _read_all(src, [e for m in plan.modules for e in (m.a, m.b)], dtype)
+
+    def read(entry: TensorEntry, layer: int, name: str, part: str, to: torch.dtype = dtype) -> torch.Tensor:
+        if bulk is not None and to == dtype and entry.name in bulk:
+            return bulk[entry.name]
+        return _read_tensor(src, entry, layer, name, part, to)
+
+    weights = {m.key: LoraWeights(
+        a=read(m.a, *m.key, A), b=read(m.b, *m.key, B), rank=m.rank, scale=m.scale,
+        magnitude=None if m.magnitude is None else read(m.magnitude, *m.key, MAGNITUDE, torch.float32))
+        for m in plan.modules}
+    base_layers = {name: read(e, layer, name, BASE_LAYER) for layer, name, e in plan.base_layers}
+    full = {name: read(e, layer, name, COPY) for layer, name, e in plan.copies}
+    return weights, base_layers, full
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+class _Source:
+    """The weights file's bytes by offset: from ``data`` if the caller read them (views, no copy),
+    else from the open file (a new buffer per read)."""
+
+    def __init__(self, path: Path, data: bytearray | None) -> None:
+        self._data = None if data is None else memoryview(data)
+        self._file = open(path, "rb") if data is None else None  # noqa: SIM115 - closed by __exit__
+        self.size = len(data) if data is not None else os.fstat(self._file.fileno()).st_size
+
+    def __enter__(self) -> _Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def header(self) -> bytes:
+        if self._data is not None:
+            return header_bytes(self._data, WEIGHTS_NAME)
+        return file_header_bytes(self._file, self.size, WEIGHTS_NAME)
+
+    def read(self, begin: int, end: int) -> memoryview | bytearray | None:
+        """Bytes ``begin:end`` (None if the file ends before ``end``)."""
+        if self._data is not None:
+            return self._data[begin:end] if end <= len(self._data) else None
+        buf = bytearray(end - begin)
+        self._file.seek(begin)
+        return buf if self._file.readinto(buf) == len(buf) else None
+
+
+def _read_config(path: Path) -> bytes:
     size = path.stat().st_size
     if size > MAX_CONFIG_BYTES:
         raise InvalidAdapter(f"{CONFIG_NAME} is {size} bytes; the limit is {MAX_CONFIG_BYTES}",
                              param=CONFIG_NAME)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise InvalidAdapter(f"{CONFIG_NAME} is not UTF-8 text: {exc}", param=CONFIG_NAME) from exc
-    except json.JSONDecodeError as exc:
-        raise InvalidAdapter(f"{CONFIG_NAME} is not valid JSON: {exc}", param=CONFIG_NAME) from exc
+    return path.read_bytes()
 
 
-def _read_tensor(f: Any, e: TensorEntry, layer: int, name: str, side: str,
+def _floats(buf: memoryview | bytearray, dtype: torch.dtype) -> torch.Tensor:
+    """``buf`` as a flat tensor of ``dtype``: a view, or a copy if it is not aligned to ``dtype``."""
+    if not len(buf):
+        return torch.empty(0, dtype=dtype)
+    flat = torch.frombuffer(buf, dtype=dtype)
+    return flat if flat.data_ptr() % dtype.itemsize == 0 else flat.clone()
+
+
+def _read_tensor(src: _Source, e: TensorEntry, layer: int, name: str, side: str,
                  dtype: torch.dtype) -> torch.Tensor:
-    """One checked tensor from the open weights file, cast to ``dtype``; refused if it holds NaN/Inf
+    """One checked tensor from the weights file, cast to ``dtype``; refused if it holds NaN/Inf
     (naming it, and whether the file or the cast to ``dtype`` is at fault)."""
-    buf = bytearray(e.end - e.begin)
-    f.seek(e.begin)
-    if f.readinto(buf) != len(buf):
+    buf = src.read(e.begin, e.end)
+    if buf is None:
         raise InvalidAdapter(f"{WEIGHTS_NAME} is corrupt or truncated: tensor {e.name!r} ends past the end "
                              "of the file", param=WEIGHTS_NAME)
-    stored = _TORCH_DTYPES[e.dtype]
-    src = (torch.frombuffer(buf, dtype=stored) if buf else torch.empty(0, dtype=stored)).reshape(e.shape)
-    out = src.to(dtype).contiguous()
+    src_t = _floats(buf, TORCH_DTYPES[e.dtype]).reshape(e.shape)
+    out = src_t.to(dtype).contiguous()
     if not _finite(out):
-        what = "contains NaN or Inf values" if not _finite(src) else f"overflows when cast to {dtype}"
+        what = "contains NaN or Inf values" if not _finite(src_t) else f"overflows when cast to {dtype}"
         raise InvalidAdapter(f"tensor {_key(layer, name, side)} {what}", param=WEIGHTS_NAME)
     return out
 
 
-def _read_all(f: Any, entries: list[TensorEntry], dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+def _read_all(src: _Source, entries: list[TensorEntry], dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
     """``entries`` (the LoRA factors: nearly all of a file's bytes) with one read, one cast to ``dtype``
-    and one finiteness check for the span they cover, as views of that one tensor; None when they
-    differ in dtype, are not aligned to it, or the span is not all finite (bytes of other tensors may
-    lie in it): the caller then reads each with ``_read_tensor``, which names a bad one. Per tensor,
-    the read, cast and check were ~5 ms of a q,k,v,o adapter's 240 tensors."""
+    (none if they are ``dtype`` already) and one finiteness check for the span they cover, as views of
+    that one tensor; None when they differ in dtype, are not aligned to it, or the span is not all
+    finite (bytes of other tensors may lie in it): the caller then reads each with ``_read_tensor``,
+    which names a bad one. Per tensor, the read, cast and check were ~5 ms of a q,k,v,o adapter's
+    240 tensors."""
     if not entries or len({e.dtype for e in entries}) != 1:
         return None
-    stored = _TORCH_DTYPES[entries[0].dtype]
+    stored = TORCH_DTYPES[entries[0].dtype]
     item, lo, hi = stored.itemsize, min(e.begin for e in entries), max(e.end for e in entries)
     if any((e.begin - lo) % item or (e.end - e.begin) % item for e in entries):  # then hi - lo too
         return None
-    buf = bytearray(hi - lo)
-    f.seek(lo)
-    if f.readinto(buf) != len(buf):
+    buf = src.read(lo, hi)
+    if buf is None:
         return None
-    flat = torch.frombuffer(buf, dtype=stored).to(dtype) if buf else torch.empty(0, dtype=dtype)
+    flat = _floats(buf, stored).to(dtype)
     if not _finite(flat):
         return None
-    return {e.name: flat[(e.begin - lo) // item:(e.end - lo) // item].view(e.shape) for e in entries}
+    base = flat.storage_offset()  # one op per tensor, not a slice and a view
+    return {e.name: flat.as_strided(e.shape, _strides(e.shape), base + (e.begin - lo) // item)
+            for e in entries}
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A contiguous tensor's strides (in elements)."""
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= n
+    return tuple(reversed(out))
 
 
 def _key(layer: int, name: str, part: str) -> str:
     return tensor_key(layer, name, part)
 
 
-Found = dict[tuple[int, str], dict[str, TensorEntry]]
-
-
-def _group_entries(entries: dict[str, TensorEntry], num_layers: int) -> Found:
-    """Tensors by (layer, module) and part (peft_keys); raise on keys that are not a known part."""
-    found: Found = {}
-    for key, entry in entries.items():
-        layer, name, part = parse_key(key, num_layers)
-        slot = found.setdefault((layer, name), {})
-        if part in slot:
-            raise InvalidAdapter(f"duplicate tensor for {part} of {site(layer, name)} ({key!r})",
-                                 param=WEIGHTS_NAME)
-        slot[part] = entry
-    return found
-
-
-def _ab(layer: int, name: str, parts: dict[str, TensorEntry]) -> tuple[TensorEntry, TensorEntry]:
-    for side in (A, B):
-        if side not in parts:
-            key = _key(layer, name, side)
-            raise InvalidAdapter(f"{site(layer, name)} has no lora_{side} tensor ({key})", param=WEIGHTS_NAME)
-    return parts[A], parts[B]
-
-
-def _check_magnitude(layer: int, name: str, m: TensorEntry | None, use_dora: bool, out: int) -> None:
-    key = _key(layer, name, MAGNITUDE)
-    if m is None and use_dora:
-        raise InvalidAdapter(f"adapter_config has use_dora=true but {key} is missing", param="use_dora")
-    if m is not None and not use_dora:
-        raise InvalidAdapter(f"tensor {key} is a DoRA magnitude but adapter_config has use_dora=false",
-                             param="use_dora")
-    if m is not None and (m.dtype not in _TORCH_DTYPES or tuple(m.shape) != (out,)):
-        raise InvalidAdapter(f"tensor {key} has shape {list(m.shape)} ({m.dtype}); expected [{out}] floats",
-                             param=WEIGHTS_NAME)
-
-
-def _check_coverage(present: set[tuple[int, str]], targeted: set[tuple[int, str]]) -> None:
-    missing = sorted(targeted - present)
-    if missing:
-        layer, name = missing[0]
-        raise InvalidAdapter(
-            f"adapter_config targets {site(layer, name)} but {WEIGHTS_NAME} has no weights for it "
-            f"({len(missing)} targeted module(s) missing, e.g. {_key(layer, name, 'A')})", param=WEIGHTS_NAME
-        )
-    stray = sorted(present - targeted)
-    if stray:
-        layer, name = stray[0]
-        raise InvalidAdapter(
-            f"{WEIGHTS_NAME} has weights for {site(layer, name)} that adapter_config does not "
-            f"target ({len(stray)} such module(s))", param="target_modules"
-        )
-
-
-def _check_shapes(
-    layer: int, name: str, a: TensorEntry, b: TensorEntry, rank: int, in_out: tuple[int, int]
-) -> None:
-    in_f, out_f = in_out
-    for side, t in (("A", a), ("B", b)):
-        if t.dtype not in _TORCH_DTYPES:
-            raise InvalidAdapter(
-                f"tensor {_key(layer, name, side)} has dtype {t.dtype}; expected F32, F16 or BF16 (float32, "
-                "float16 or bfloat16)", param=WEIGHTS_NAME)
-        if len(t.shape) != 2:
-            raise InvalidAdapter(f"tensor {_key(layer, name, side)} has shape {list(t.shape)}; expected 2-D",
-                                 param=WEIGHTS_NAME)
-    if a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
-        raise AdapterIncompatible(
-            f"{site(layer, name)}: expected lora_A [r, {in_f}] and lora_B [{out_f}, r] for the base "
-            f"model, got lora_A {list(a.shape)} and lora_B {list(b.shape)}", param=WEIGHTS_NAME
-        )
-    if a.shape[0] != rank:
-        raise InvalidAdapter(
-            f"{site(layer, name)}: adapter_config gives rank {rank} (expected lora_A [{rank}, {in_f}], "
-            f"lora_B [{out_f}, {rank}]) but got lora_A {list(a.shape)} and lora_B {list(b.shape)}", param="r"
-        )
-
-
 def _finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``: one pass over its bits in C where the kernels are built (torch's
+    reductions over a bf16 adapter took longer than reading it), else torch's min and max."""
     if t.numel() == 0:
         return True
+    code = _FINITE_CODES.get(t.dtype)
+    lib = _native() if code is not None and t.is_contiguous() and t.device.type == "cpu" else None
+    if lib is not None:
+        return bool(lib.all_finite(t.data_ptr(), t.numel(), code))
     lo, hi = torch.aminmax(t)
     return math.isfinite(lo.item()) and math.isfinite(hi.item())
+
+
+def _native() -> Any:
+    from kernels.native_lib import library  # the kernels build lazily; the store needs no compiler
+
+    return library()

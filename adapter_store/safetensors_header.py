@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from server.errors import InvalidAdapter
 
@@ -41,19 +41,48 @@ class TensorEntry:
 def read_header(path: Path, label: str) -> dict[str, TensorEntry]:
     """Every tensor of the safetensors file ``path``, checked against the file's real size.
     ``label`` names the file in messages. Raises InvalidAdapter."""
-    def bad(reason: str) -> InvalidAdapter:
-        return InvalidAdapter(f"{label} is corrupt or truncated: {reason}", param=label)
-
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size < 8:
-            raise bad(f"the file is {size} bytes, too short for the 8-byte header length")
-        n = int.from_bytes(f.read(8), "little")
-        if n > size - 8:
-            raise bad(f"the header length field says {n} bytes but only {size - 8} follow it")
-        if n > MAX_HEADER_BYTES:
-            raise bad(f"the header is {n} bytes, over the limit of {MAX_HEADER_BYTES}")
-        raw = f.read(n)
+        raw = file_header_bytes(f, size, label)
+    return parse_header(raw, size, label)
+
+
+def file_header_bytes(f: BinaryIO, size: int, label: str) -> bytes:
+    """The JSON header of the open safetensors file ``f`` of ``size`` bytes."""
+    f.seek(0)
+    n = _header_length(f.read(8), size, label)
+    raw = f.read(n)
+    if len(raw) != n:
+        raise _bad(label, f"the file ended within its {n}-byte header")
+    return raw
+
+
+def header_bytes(data: bytes | bytearray | memoryview, label: str) -> bytes:
+    """The JSON header of a safetensors file held whole in ``data`` (checked as ``read_header``)."""
+    return bytes(data[8 : 8 + _header_length(bytes(data[:8]), len(data), label)])
+
+
+def _header_length(head: bytes, size: int, label: str) -> int:
+    if size < 8:
+        raise _bad(label, f"the file is {size} bytes, too short for the 8-byte header length")
+    n = int.from_bytes(head, "little")
+    if n > size - 8:
+        raise _bad(label, f"the header length field says {n} bytes but only {size - 8} follow it")
+    if n > MAX_HEADER_BYTES:
+        raise _bad(label, f"the header is {n} bytes, over the limit of {MAX_HEADER_BYTES}")
+    return n
+
+
+def _bad(label: str, reason: str) -> InvalidAdapter:
+    return InvalidAdapter(f"{label} is corrupt or truncated: {reason}", param=label)
+
+
+def parse_header(raw: bytes, size: int, label: str) -> dict[str, TensorEntry]:
+    """Every tensor the JSON header ``raw`` of a file of ``size`` bytes describes, checked as
+    ``read_header`` checks them. Raises InvalidAdapter."""
+    def bad(reason: str) -> InvalidAdapter:
+        return _bad(label, reason)
+
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -64,7 +93,7 @@ def read_header(path: Path, label: str) -> dict[str, TensorEntry]:
     if metadata is not None and not (isinstance(metadata, dict)
                                      and all(isinstance(v, str) for v in metadata.values())):
         raise bad("__metadata__ must map names to strings")
-    start = 8 + n
+    start = 8 + len(raw)
     entries = {name: _entry(name, spec, start, bad) for name, spec in header.items()}
     _check_layout(sorted(entries.values(), key=lambda e: (e.begin, e.end)), start, size, bad)
     return entries

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from adapter_store.host_cache import HostCache
-from adapter_store.integrity import IntegrityError, verify_version
+from adapter_store.integrity import IntegrityError, read_version
 from adapter_store.peft_format import WEIGHTS_NAME, LoraWeights, ParsedAdapter, load_peft_adapter
 from adapter_store.refs import RefKey, StoredAdapterMeta, Tombstone, is_valid_adapter_id
 from adapter_store.store import AdapterStore
@@ -56,6 +56,9 @@ from server.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 FULL_SCAN_SECONDS = 5.0  # longest a watcher tick relies on the refs directory's stamp alone
+# Weights files up to this size are read once, whole, to be hashed and parsed (larger ones: hashed
+# in chunks, then read tensor by tensor, so that memory holds one copy of them, not two).
+SINGLE_READ_BYTES = 256 << 20
 
 
 @dataclass(eq=False)
@@ -359,8 +362,10 @@ class AdapterManager:
             log.exception("loading adapter %s failed (%s)", ref.adapter_id, failure.reason, extra=fields)
 
     def _read(self, ref: AdapterRef) -> ParsedAdapter:
-        digests = verify_version(ref.path)
-        return self.parse(ref.path, checksum=digests[WEIGHTS_NAME])
+        """The version checked against its content address, then parsed from the very bytes hashed
+        (read once; a weights file over SINGLE_READ_BYTES is hashed in chunks and read again)."""
+        digests, data = read_version(ref.path, WEIGHTS_NAME, SINGLE_READ_BYTES)
+        return self.parse(ref.path, checksum=digests[WEIGHTS_NAME], data=data)
 
     def _too_large(self, parsed: ParsedAdapter, spec: AdapterSpec) -> str | None:
         """Why this server can never hold the adapter (None: it can). Host memory must hold it whole:
@@ -376,9 +381,11 @@ class AdapterManager:
     def _spec(self, uid: int, name: str, parsed: ParsedAdapter) -> AdapterSpec:
         return spec_from_parsed(uid, name, parsed, self.storage.dtype_for(parsed))
 
-    def parse(self, path: Path, checksum: str | None = None) -> ParsedAdapter:
-        """Parse a PEFT dir and make it ready for this base model (DoRA scales computed)."""
-        parsed = load_peft_adapter(path, self.model, self.max_rank, self.dtype, checksum=checksum)
+    def parse(self, path: Path, checksum: str | None = None, data: bytearray | None = None) -> ParsedAdapter:
+        """Parse a PEFT dir and make it ready for this base model (DoRA scales computed). A plain
+        adapter's bf16 factors stay bf16 on the host: the pool writer casts them if its pages aren't."""
+        parsed = load_peft_adapter(path, self.model, self.max_rank, self.dtype, checksum=checksum, data=data,
+                                   keep_bf16=True)
         return prepare_for_base(parsed, self.base)
 
     def shutdown(self) -> None:
