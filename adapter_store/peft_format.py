@@ -17,6 +17,7 @@ the process with SIGBUS.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -269,8 +270,9 @@ def _read_all(src: _Source, entries: list[TensorEntry], dtype: torch.dtype) -> d
             for e in entries}
 
 
+@functools.lru_cache(maxsize=256)
 def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """A contiguous tensor's strides (in elements)."""
+    """A contiguous tensor's strides (in elements); an adapter's 240 factors have a few shapes."""
     out, step = [], 1
     for n in reversed(shape):
         out.append(step)
