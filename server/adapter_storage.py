@@ -41,7 +41,7 @@ class AdapterStorage:
 
 def _rows_of(parsed: ParsedAdapter) -> Iterator[torch.Tensor]:
     """The rows computed at load (DoRA scales, full copies: server/adapter_prep.py). A and B of a
-    plain LoRA module are the file's bf16 values cast to the model dtype: exact in bf16, unchecked
+    plain LoRA module are the file's bf16 values (kept bf16 on the host, or cast): exact in bf16, unchecked
     (the round trip cost ~5 ms per q,k,v,o adapter, a third of its load)."""
     for w in parsed.weights.values():
         yield from (t for t in ((w.a, w.b) if w.replace else ()) + (w.dora_scale,) if t is not None)
