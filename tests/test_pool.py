@@ -7,13 +7,16 @@ import pytest
 from server.pool import OutOfPages, PagePool
 
 
-def test_allocation_order_and_fifo_reuse():
-    pool = PagePool(6)
+def test_allocation_order_and_lifo_reuse():
+    pool = PagePool(8)
     assert pool.allocate(3) == [0, 1, 2]
     assert pool.allocate(2, "adapter") == [3, 4]
     pool.free([1])
-    assert pool.allocate(2) == [5, 1]
-    assert pool.num_free == 0
+    assert pool.allocate(2) == [1, 5]  # the page just freed (warm) before a never-used one
+    pool.free([3, 0])
+    pool.free([4])
+    assert pool.allocate(4) == [4, 3, 0, 6]  # the last freed first; one free() call's pages in order
+    assert pool.num_free == 1
 
 
 def test_all_or_nothing():

@@ -57,8 +57,8 @@ def test_admission_waits_for_pages_fcfs():
     s.update(out, {"a": 3})  # a finishes (max_tokens=1)
     out = s.schedule()
     assert [c.request_id for c in out.chunks] == ["b"]
-    # a's pages came back layer by layer ([0, 2] then [1, 3]); FIFO reuse hands out 0 then 2
-    assert out.chunks[0].block_table == [[0], [2]]
+    # a's pages came back layer by layer ([0, 2] then [1, 3]); LIFO reuse hands out 1 then 3
+    assert out.chunks[0].block_table == [[1], [3]]
 
 
 def test_preemption_frees_newest_and_recomputes_it():
