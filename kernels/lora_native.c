@@ -29,8 +29,9 @@
  * torch (each paying a fixed dispatch cost larger than its arithmetic). Here one call per group
  * and layer covers them all, and rows are read straight from the pages (no gathered copy). Decode
  * is a stream over every adapter's weights (each row is used once per token): the loops read rows
- * front to back, a few at a time, so that the hardware prefetchers keep several streams going and
- * every weight load feeds the tile's TILE tokens. Prefill segments reuse each row TILE times.
+ * front to back, a few at a time, so that every weight load feeds the tile's TILE tokens, while a
+ * read-ahead (lora_ahead.h) requests the rows they will read next. Prefill segments reuse each row
+ * TILE times.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -54,6 +55,8 @@ typedef struct {
     int64_t replace; /* 1: a full copy, its output replaces y's */
 } Desc;
 
+#include "lora_ahead.h"
+
 /* VW weights from element i of a row of fp32 or bf16 (wbf16 is a constant at every call site, so
  * each caller is compiled twice, without a branch in its loops). */
 static inline __attribute__((always_inline)) vf wload(const void *row, int64_t i, int wbf16) {
@@ -74,26 +77,19 @@ static inline __attribute__((always_inline)) float wload1(const void *row, int64
 #define ROWS 4
 static inline __attribute__((always_inline)) void shrink(const char *arena, const int64_t *ar, int64_t r,
                                                          float sc, int64_t K, int nt, const float *const xs[TILE],
-                                                         const float *const xv[TILE], float *v, int wbf16) {
+                                                         const float *const xv[TILE], float *v, Ahead *h, int wbf16) {
     const int64_t kv = K - K % (2 * VW), item = wbf16 ? 2 : 4;
     int64_t j = 0;
     for (; j + ROWS <= r; j += ROWS) {
         const void *a[ROWS];
-        const char *next[ROWS]; /* the next rows, fetched column by column as these are read */
-        for (int q = 0; q < ROWS; q++) {
-            a[q] = arena + ar[j + q];
-            next[q] = arena + ar[j + ROWS + q < r ? j + ROWS + q : j + q];
-        }
+        for (int q = 0; q < ROWS; q++) a[q] = arena + ar[j + q];
         vf c[TILE][ROWS];
         for (int i = 0; i < TILE; i++)
             for (int q = 0; q < ROWS; q++) c[i][q] = (vf){0};
         for (int64_t k = 0; k < kv; k += 2 * VW) {
             vf we[ROWS], wo[ROWS];
-            for (int q = 0; q < ROWS; q++) {
-                wpair(a[q], k, wbf16, &we[q], &wo[q]);
-                for (int64_t off = 0; off < 2 * VW * item; off += 64)
-                    __builtin_prefetch(next[q] + k * item + off, 0, 0);
-            }
+            for (int q = 0; q < ROWS; q++) wpair(a[q], k, wbf16, &we[q], &wo[q]);
+            ahead(h, lines_of(ROWS * 2 * VW * item));
             for (int i = 0; i < TILE; i++) {
                 if (i < nt) {
                     const vf xe = vload(xv[i] + k), xo = vload(xv[i] + k + VW);
@@ -104,6 +100,7 @@ static inline __attribute__((always_inline)) void shrink(const char *arena, cons
                 }
             }
         }
+        if (kv < K) ahead(h, ROWS * lines_of((K - kv) * item));
         for (int i = 0; i < nt; i++)
             for (int q = 0; q < ROWS; q++) {
                 float s = vsum(c[i][q]);
@@ -113,6 +110,7 @@ static inline __attribute__((always_inline)) void shrink(const char *arena, cons
     }
     for (; j < r; j++) {
         const void *a0 = arena + ar[j];
+        ahead(h, lines_of(K * item));
         for (int i = 0; i < nt; i++) {
             vf c0 = {0}, c1 = {0};
             for (int64_t k = 0; k < kv; k += 2 * VW) {
@@ -142,14 +140,12 @@ static inline __attribute__((always_inline)) void shrink(const char *arena, cons
 #endif
 static inline __attribute__((always_inline)) void expand(const char *arena, const int64_t *br, int64_t r,
                                                          int64_t N, int nt, const float *v, float *const ys[TILE],
-                                                         int wbf16) {
+                                                         Ahead *h, int wbf16) {
     const int64_t nv = N - N % (NV * VW), item = wbf16 ? 2 : 4;
     for (int64_t j0 = 0; j0 < r; j0 += JBLOCK) {
         const int64_t j1 = j0 + JBLOCK < r ? j0 + JBLOCK : r;
         for (int64_t n = 0; n < nv; n += NV * VW) {
-            for (int64_t j = j1; j < j1 + JBLOCK && j < r; j++) /* the next block's rows, these columns */
-                for (int64_t off = 0; off < NV * VW * item; off += 64)
-                    __builtin_prefetch(arena + br[j] + n * item + off, 0, 0);
+            ahead(h, lines_of((j1 - j0) * NV * VW * item));
             vf acc[TILE][NV]; /* in wpair's order: acc[i][u], acc[i][u + 1] hold columns n + u * VW.. */
             for (int i = 0; i < TILE; i++)
                 if (i < nt)
@@ -168,6 +164,7 @@ static inline __attribute__((always_inline)) void expand(const char *arena, cons
             for (int i = 0; i < nt; i++)
                 for (int u = 0; u < NV; u += 2) ypair_store(ys[i] + n + u * VW, acc[i][u], acc[i][u + 1], wbf16);
         }
+        if (nv < N) ahead(h, lines_of((j1 - j0) * (N - nv) * item));
         for (int64_t n = nv; n + VW <= N; n += VW) { /* whole vectors left over */
             for (int i = 0; i < nt; i++) {
                 vf acc = vload(ys[i] + n);
@@ -213,11 +210,13 @@ static void zero_rows(float *const ys[TILE], int nt, int64_t n) {
  * replace starts from zero, DoRA scales by g). */
 static inline __attribute__((always_inline)) void expand_piece(const char *arena, const Desc *d, int64_t c,
                                                                int64_t n, int nt, const float *v,
-                                                               float *const ys[TILE], int in_place, int wbf16) {
+                                                               float *const ys[TILE], int in_place, Ahead *h,
+                                                               int wbf16) {
     const int64_t *br = (const int64_t *)(intptr_t)d->b_rows;
     const int64_t *gr = (const int64_t *)(intptr_t)d->g_rows;
     if (in_place && d->replace) zero_rows(ys, nt, n);
-    expand(arena, br + c * d->rank, d->rank, n, nt, v, ys, wbf16);
+    expand(arena, br + c * d->rank, d->rank, n, nt, v, ys, h, wbf16);
+    if (gr) ahead(h, lines_of(n * (wbf16 ? 2 : 4)));
     if (in_place && gr) scale_rows(ys, nt, arena + gr[c], n, wbf16);
 }
 
@@ -229,16 +228,16 @@ static inline __attribute__((always_inline)) void tile_body(const char *arena, c
                                                             int64_t page_bytes, int nt, const float *const xs[TILE],
                                                             const float *const xps[TILE], const int32_t *ids,
                                                             float *const ys[TILE], float *v, int in_place,
-                                                            int wbf16) {
+                                                            Ahead *h, int wbf16) {
     const int64_t *ar = (const int64_t *)(intptr_t)d->a_rows;
     const int64_t r = d->rank, cap = page_bytes / (wbf16 ? 2 : 4), cw = N > cap ? cap : N;
     const float sc = (float)d->scale;
     if (ids)
         gather(arena, ar, r, sc, nt, ids, v, wbf16);
     else
-        shrink(arena, ar, r, sc, K, nt, xs, wbf16 ? xps : xs, v, wbf16);
+        shrink(arena, ar, r, sc, K, nt, xs, wbf16 ? xps : xs, v, h, wbf16);
     if (cw == N) { /* rows within a page (all but lm_head): no piece loop around the expand */
-        expand_piece(arena, d, 0, N, nt, v, ys, in_place, wbf16);
+        expand_piece(arena, d, 0, N, nt, v, ys, in_place, h, wbf16);
         return;
     }
     for (int64_t c = 0; c * cw < N; c++) { /* rows in pieces (lm_head) */
@@ -246,7 +245,7 @@ static inline __attribute__((always_inline)) void tile_body(const char *arena, c
         const int64_t n0 = piece(c, cw, N, &n);
         float *yc[TILE];
         for (int i = 0; i < nt; i++) yc[i] = ys[i] + n0;
-        expand_piece(arena, d, c, n, nt, v, yc, in_place, wbf16);
+        expand_piece(arena, d, c, n, nt, v, yc, in_place, h, wbf16);
     }
 }
 
@@ -254,17 +253,17 @@ static inline __attribute__((always_inline)) void tile_body(const char *arena, c
  * branches, which cost a bf16 decode row ~20% when its rows are in cache). */
 static void tile(const char *arena, const Desc *d, int64_t K, int64_t N, int64_t page_bytes, int nt,
                  const float *const xs[TILE], const float *const xps[TILE], const int32_t *ids,
-                 float *const ys[TILE], float *v, int in_place) {
+                 float *const ys[TILE], float *v, int in_place, Ahead *h) {
     if (d->flags & WEIGHTS_BF16) {
         if (nt == 1)
-            tile_body(arena, d, K, N, page_bytes, 1, xs, xps, ids, ys, v, in_place, 1);
+            tile_body(arena, d, K, N, page_bytes, 1, xs, xps, ids, ys, v, in_place, h, 1);
         else
-            tile_body(arena, d, K, N, page_bytes, nt, xs, xps, ids, ys, v, in_place, 1);
+            tile_body(arena, d, K, N, page_bytes, nt, xs, xps, ids, ys, v, in_place, h, 1);
     } else {
         if (nt == 1)
-            tile_body(arena, d, K, N, page_bytes, 1, xs, xps, ids, ys, v, in_place, 0);
+            tile_body(arena, d, K, N, page_bytes, 1, xs, xps, ids, ys, v, in_place, h, 0);
         else
-            tile_body(arena, d, K, N, page_bytes, nt, xs, xps, ids, ys, v, in_place, 0);
+            tile_body(arena, d, K, N, page_bytes, nt, xs, xps, ids, ys, v, in_place, h, 0);
     }
 }
 
@@ -297,7 +296,7 @@ static void finish_bf16(const char *arena, const Desc *d, int64_t N, int64_t pag
 static void item(int xy_bf16, int gather_ids, const char *arena, const void *x, int64_t ldx, void *y,
                  int64_t ldy, int64_t K, int64_t page_bytes, const Desc *seg_desc, int64_t nmod,
                  const int64_t *mods, const int64_t *cols, const int64_t *widths, int64_t t0, int nt,
-                 float *v, float *xbuf, float *acc) {
+                 float *v, float *xbuf, float *acc, Ahead *h) {
     const float *xs[TILE] = {0}, *xps[TILE] = {0};
     const int32_t *ids = gather_ids ? (const int32_t *)x + t0 : NULL;
     for (int i = 0; i < nt && !ids; i++) {
@@ -321,7 +320,7 @@ static void item(int xy_bf16, int gather_ids, const char *arena, const void *x, 
         float *ys[TILE];
         if (!xy_bf16) {
             for (int i = 0; i < nt; i++) ys[i] = (float *)y + (t0 + i) * ldy + cols[m];
-            tile(arena, d, K, N, page_bytes, nt, xs, xps, ids, ys, v, 1);
+            tile(arena, d, K, N, page_bytes, nt, xs, xps, ids, ys, v, 1, h);
             continue;
         }
         uint16_t *yb[TILE];
@@ -330,7 +329,7 @@ static void item(int xy_bf16, int gather_ids, const char *arena, const void *x, 
             ys[i] = acc + i * N;
             yb[i] = (uint16_t *)y + (t0 + i) * ldy + cols[m];
         }
-        tile(arena, d, K, N, page_bytes, nt, xs, xps, ids, ys, v, 0);
+        tile(arena, d, K, N, page_bytes, nt, xs, xps, ids, ys, v, 0, h);
         finish_bf16(arena, d, N, page_bytes, nt, acc, yb);
     }
 }
@@ -378,36 +377,53 @@ int lora_group(int xy_bf16, const void *arena, const void *x, int64_t ldx, void 
     if (nitems == 0) return 0; /* no adapter of the step has these modules (e.g. q,k,v,o adapters, MLP group) */
     Item *items = malloc(sizeof(Item) * (size_t)nitems);
     if (!items) return -1;
-    int64_t n = 0;
+    int64_t n = 0, max_spans = 0;
     for (int64_t s = 0; s < nseg; s++) {
-        const int64_t w = seg_work(desc + s * desc_stride, nmod, mods);
+        const Desc *sd = desc + s * desc_stride;
+        const int64_t w = seg_work(sd, nmod, mods), spans = item_spans(sd, nmod, mods, widths, K, page_bytes, gather_ids, NULL);
+        max_spans = spans > max_spans ? spans : max_spans;
         for (int64_t t = seg_starts[s]; w > 0 && t < seg_starts[s + 1]; t += TILE) items[n++] = (Item){s, t, w};
     }
     qsort(items, (size_t)nitems, sizeof(Item), heavier_first);
     int failed = 0;
+    int64_t taken = 0; /* items claimed so far (dynamic scheduling, one at a time) */
 
 #pragma omp parallel num_threads(num_threads)
     {
         float *v = malloc(sizeof(float) * (size_t)(TILE * max_rank));
         float *acc = xy_bf16 ? malloc(sizeof(float) * (size_t)(TILE * max_n)) : NULL;
         float *xbuf = gather_ids ? NULL : malloc(sizeof(float) * (size_t)(2 * TILE * K));
-        int ok = v && (xbuf || gather_ids) && (!xy_bf16 || acc);
+        Ahead h = {(const char *)arena, malloc(sizeof(Span) * (size_t)(2 * max_spans + 1)), 0, 0, NULL, NULL};
+        int ok = v && (xbuf || gather_ids) && (!xy_bf16 || acc) && h.plan;
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < nitems; it++) {
-            if (!ok) continue;
+        /* Each thread claims its next item while it works on the current one, so that the read-ahead
+         * runs on into it (the lightest items come last: at most one of them waits this way). The
+         * next tile of the same segment reads the rows this one leaves in cache: not planned. */
+        int64_t it = ok ? __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED) : nitems, done = 0;
+        if (it < nitems) {
+            plan_next(&h, 0, desc + items[it].s * desc_stride, nmod, mods, widths, K, page_bytes, gather_ids);
+            ahead(&h, AHEAD / STRIDE);
+        }
+        while (it < nitems) {
+            const int64_t nx = __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED), cur = h.n;
+            const int fresh = nx < nitems && items[nx].s != items[it].s;
+            plan_next(&h, done, fresh ? desc + items[nx].s * desc_stride : NULL, nmod, mods, widths, K, page_bytes,
+                      gather_ids);
+            done = cur - done;
             const int64_t s = items[it].s, t0 = items[it].t0;
             const int64_t end = seg_starts[s + 1];
             const int nt = (int)(end - t0 < TILE ? end - t0 : TILE);
             item(xy_bf16, gather_ids, (const char *)arena, x, ldx, y, ldy, K, page_bytes, desc + s * desc_stride,
-                 nmod, mods, cols, widths, t0, nt, v, xbuf, acc);
+                 nmod, mods, cols, widths, t0, nt, v, xbuf, acc, &h);
+            it = nx;
         }
         free(v);
         free(acc);
         free(xbuf);
+        free(h.plan);
     }
     free(items);
     return failed ? -1 : 0;
