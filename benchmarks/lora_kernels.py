@@ -30,6 +30,7 @@ from kernels.lora import LoraSegments
 from kernels.lora_pages import storage_view, write_matrix_rows
 from kernels.step_buffer import StepBuffer, StepPack
 from server.adapter_residency import AdapterResidency, AdapterSpec, ModuleSpec
+from server.arena import zeroed_pages
 from server.model_config import LORA_MODULES, ModelConfig
 from server.page_layout import AdapterPageTable, PageLayout
 from server.pool import PagePool
@@ -59,7 +60,7 @@ def make_arena(cfg: ModelConfig, layout: PageLayout, num_adapters: int, dtype: t
     num_pages = sum(s.pages_needed(layout) for s in specs)
     residency = AdapterResidency(PagePool(num_pages), layout)
     tables = [residency.load(s) for s in specs]
-    arena = torch.empty(num_pages, layout.page_elems, dtype=dtype)
+    arena = zeroed_pages(num_pages, layout.page_bytes).view(dtype)  # as the engine allocates it
     view = storage_view(arena, storage)
     view.uniform_(-0.05, 0.05)  # finite, no denormals, in the rows' dtype
     for table in tables if dora else ():  # g rows share pages with other rows: written row by row

@@ -25,7 +25,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("lora_native.c", "model_native.c", "adapter_copy.c"))
-HEADERS = tuple(Path(__file__).with_name(n) for n in ("native_simd.h", "lora_ahead.h"))  # included: in the key
+# Included by the sources: part of the cache key.
+HEADERS = tuple(Path(__file__).with_name(n) for n in ("native_simd.h", "lora_ahead.h"))
 # Reassociation lets the compiler vectorize the dot products; NaN/inf semantics are kept.
 BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fassociative-math",
               "-fno-signed-zeros", "-fno-trapping-math", "-ffp-contract=fast")

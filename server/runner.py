@@ -13,11 +13,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from kernels.backend import KernelBackend, select_lora_backend
 from kernels.step_buffer import StepBuffer
+from server.arena import zeroed_pages
 from server.batch import BlockTables, build_step
 from server.model import LlamaModel
 from server.model_config import ModelConfig
@@ -47,15 +47,6 @@ class Sampled:
     logprobs: TokenLogprobs | None
 
 
-def _zeroed_pages(num_pages: int, page_bytes: int, device: torch.device) -> torch.Tensor:
-    """``[num_pages, page_bytes]`` zero bytes. On a host, from ``calloc`` (numpy): the OS hands out
-    zero pages as they are first written, so a pool sized to a fraction of the machine costs
-    resident memory only for the pages in use (``torch.zeros`` would write, and commit, all of it)."""
-    if device.type == "cpu":
-        return torch.from_numpy(np.zeros((num_pages, page_bytes), dtype=np.uint8))
-    return torch.zeros(num_pages, page_bytes, dtype=torch.uint8, device=device)
-
-
 class ModelRunner:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], layout: PageLayout,
                  num_pages: int, backend: KernelBackend, max_positions: int, seed: int = 0,
@@ -65,7 +56,7 @@ class ModelRunner:
         self.backend = backend
         # The pool's memory: pages of bytes. KV blocks are read in the model dtype; an adapter's rows
         # in its storage dtype (a view of the same bytes; kernels/lora_pages.py storage_view).
-        self.arena_bytes = _zeroed_pages(num_pages, layout.page_bytes, some.device)
+        self.arena_bytes = zeroed_pages(num_pages, layout.page_bytes, some.device)
         self.arena = self.arena_bytes.view(some.dtype)
         if self.arena.shape[1] != layout.page_elems:
             raise ValueError(f"the layout's pages hold {layout.page_elems} elements of {layout.itemsize} "
