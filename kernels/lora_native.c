@@ -405,7 +405,7 @@ int lora_group(int xy_bf16, const void *arena, const void *x, int64_t ldx, void 
         int64_t it = ok ? __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED) : nitems, done = 0;
         if (it < nitems) {
             plan_next(&h, 0, desc + items[it].s * desc_stride, nmod, mods, widths, K, page_bytes, gather_ids);
-            ahead(&h, AHEAD / STRIDE);
+            ahead(&h, AHEAD / LINE);
         }
         while (it < nitems) {
             const int64_t nx = __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED), cur = h.n;
