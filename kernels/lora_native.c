@@ -355,6 +355,31 @@ static int64_t seg_work(const Desc *seg_desc, int64_t nmod, const int64_t *mods)
     return w;
 }
 
+/* The call's work items, heaviest first (NULL if there are none, *nitems = 0, or no memory), and
+ * the most read-ahead spans one of them has. */
+static Item *work_list(int64_t nseg, const int64_t *seg_starts, const Desc *desc, int64_t desc_stride,
+                       int64_t nmod, const int64_t *mods, const int64_t *widths, int64_t K, int64_t page_bytes,
+                       int gather_ids, int64_t *nitems, int64_t *max_spans) {
+    int64_t n = 0;
+    *max_spans = 0;
+    for (int64_t s = 0; s < nseg; s++)
+        if (seg_work(desc + s * desc_stride, nmod, mods) > 0)
+            n += (seg_starts[s + 1] - seg_starts[s] + TILE - 1) / TILE;
+    *nitems = n;
+    Item *items = n ? malloc(sizeof(Item) * (size_t)n) : NULL;
+    if (!items) return NULL;
+    n = 0;
+    for (int64_t s = 0; s < nseg; s++) {
+        const Desc *sd = desc + s * desc_stride;
+        const int64_t w = seg_work(sd, nmod, mods);
+        const int64_t spans = item_spans(sd, nmod, mods, widths, K, page_bytes, gather_ids, NULL);
+        *max_spans = spans > *max_spans ? spans : *max_spans;
+        for (int64_t t = seg_starts[s]; w > 0 && t < seg_starts[s + 1]; t += TILE) items[n++] = (Item){s, t, w};
+    }
+    qsort(items, (size_t)n, sizeof(Item), heavier_first);
+    return items;
+}
+
 /* Returns 0, or -1 if memory for the work list could not be allocated.
  * xy_bf16: x and y are bf16 (else fp32). x: [T, K] rows ldx apart (gather: int32[T] token ids);
  * y: rows ldy apart. seg_starts: int64[nseg + 1]; desc: Desc[nseg * desc_stride]; mods, cols,
@@ -363,7 +388,7 @@ int lora_group(int xy_bf16, const void *arena, const void *x, int64_t ldx, void 
                int64_t K, int64_t nseg, const int64_t *seg_starts, const Desc *desc,
                int64_t desc_stride, int64_t nmod, const int64_t *mods, const int64_t *cols,
                const int64_t *widths, int num_threads, int gather_ids, int64_t page_bytes) {
-    int64_t nitems = 0, max_n = 0, max_rank = 0;
+    int64_t max_n = 0, max_rank = 0;
     for (int64_t m = 0; m < nmod; m++) {
         max_n = widths[m] > max_n ? widths[m] : max_n;
         for (int64_t s = 0; s < nseg; s++) {
@@ -371,20 +396,11 @@ int lora_group(int xy_bf16, const void *arena, const void *x, int64_t ldx, void 
             max_rank = r > max_rank ? r : max_rank;
         }
     }
-    for (int64_t s = 0; s < nseg; s++)
-        if (seg_work(desc + s * desc_stride, nmod, mods) > 0)
-            nitems += (seg_starts[s + 1] - seg_starts[s] + TILE - 1) / TILE;
+    int64_t nitems, max_spans;
+    Item *items = work_list(nseg, seg_starts, desc, desc_stride, nmod, mods, widths, K, page_bytes, gather_ids,
+                            &nitems, &max_spans);
     if (nitems == 0) return 0; /* no adapter of the step has these modules (e.g. q,k,v,o adapters, MLP group) */
-    Item *items = malloc(sizeof(Item) * (size_t)nitems);
     if (!items) return -1;
-    int64_t n = 0, max_spans = 0;
-    for (int64_t s = 0; s < nseg; s++) {
-        const Desc *sd = desc + s * desc_stride;
-        const int64_t w = seg_work(sd, nmod, mods), spans = item_spans(sd, nmod, mods, widths, K, page_bytes, gather_ids, NULL);
-        max_spans = spans > max_spans ? spans : max_spans;
-        for (int64_t t = seg_starts[s]; w > 0 && t < seg_starts[s + 1]; t += TILE) items[n++] = (Item){s, t, w};
-    }
-    qsort(items, (size_t)nitems, sizeof(Item), heavier_first);
     int failed = 0;
     int64_t taken = 0; /* items claimed so far (dynamic scheduling, one at a time) */
 
