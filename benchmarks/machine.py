@@ -131,16 +131,29 @@ def gemm_gflops(shape: ModelShape, dtype, rows_list: tuple[int, ...] = (DECODE_R
 
 def read_bandwidth(repeat: int = 5) -> float:
     """GB/s of a multi-threaded sum over a buffer far larger than the caches (best of ``repeat``)."""
-    import torch
+    probe = BandwidthProbe()
+    return max(probe.sample() for _ in range(repeat))
 
-    buf = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32)
-    buf.sum()
-    best = 0.0
-    for _ in range(repeat):
+
+class BandwidthProbe:
+    """One read-bandwidth sample at a time, for pairing with a measurement taken right after it.
+
+    Why: on the shared VMs this runs on, the read bandwidth itself moves between runs and within
+    one (21-48 GB/s minutes apart, while the LoRA kernel's times stayed within +-10%), so a kernel
+    timed in one minute against a probe taken in another gives a ratio that flips with the probe.
+    A sample before each kernel repeat pairs them in time (it also leaves the caches cold for the
+    kernel, as a decode step finds them)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.buf = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32)
+        self.buf.sum()  # pages touched, threads started
+
+    def sample(self) -> float:
         start = time.perf_counter()
-        buf.sum()
-        best = max(best, BANDWIDTH_BYTES / (time.perf_counter() - start) / 1e9)
-    return best
+        self.buf.sum()
+        return BANDWIDTH_BYTES / (time.perf_counter() - start) / 1e9
 
 
 def bf16_gemm_native() -> bool:

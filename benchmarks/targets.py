@@ -64,8 +64,13 @@ def machine_targets(results: Results, meta: dict) -> list[dict]:
     kernels = meta.get("lora_kernels") or {}
     for r in kernels.get("results", []):
         bw = kernels["read_gbs"]
-        out.append(_target(f"C kernel >= 60% of read bandwidth ({r['storage']} rows, 64 adapters)",
-                           _ratio(r["gbs"], bw), 0.60, f"{r['gbs']:.1f} of {bw:.1f} GB/s"))
+        label = f"C kernel >= 60% of read bandwidth ({r['storage']} rows, 64 adapters)"
+        if "of_read_bw" in r:  # paired with a probe sample before each repeat (benchmarks/machine.py)
+            out.append(_target(label, r["of_read_bw"], 0.60,
+                               f"{r['gbs']:.1f} GB/s; probe {r['paired_read_gbs']:.1f} paired, "
+                               f"{bw:.1f} best after ({_ratio(r['gbs'], bw) or 0:.2f} of that)"))
+        else:
+            out.append(_target(label, _ratio(r["gbs"], bw), 0.60, f"{r['gbs']:.1f} of {bw:.1f} GB/s"))
     fill = meta.get("page_fill") or {}
     if fill:
         worst = min(fill, key=fill.get)
