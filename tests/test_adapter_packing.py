@@ -42,11 +42,11 @@ def test_streams_by_row_length_with_exact_pages() -> None:
 def test_pages_follow_the_pools_order() -> None:
     pool = PagePool(10)
     pool.allocate(3)
-    pool.free([1, 0])  # empty list now 2.., then 1, 0
+    pool.free([1, 0])  # empty list now 1, 0 (freed pages first), then 3..
     table = AdapterResidency(pool, LAYOUT).load(spec(1, {"q_proj": (8, 8)}))  # 4 rows of 8: 2 pages
-    assert table.all_pages() == [3, 4]
+    assert table.all_pages() == [1, 0]
     q1 = table.modules[(1, "q_proj")]  # rows 2 and 3 of the stream
-    assert (q1.a_pages, q1.a_row0, q1.b_pages, q1.b_row0) == ((3,), 2, (4,), 0)
+    assert (q1.a_pages, q1.a_row0, q1.b_pages, q1.b_row0) == ((1,), 2, (0,), 0)
 
 
 def test_bf16_rows_take_half_the_pages() -> None:
