@@ -98,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
+    from server import openmp
     from server.api.app import create_app
     from server.api.guards import H11_MAX_INCOMPLETE_BYTES
     from server.api.tenants import Keyring, KeysFileError
@@ -136,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_graceful_shutdown=settings.drain_timeout,
         h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_BYTES,
     ))
+    # This thread runs the event loop from here on; only the engine's thread keeps an OpenMP team.
+    openmp.single_threaded()
     server.run()
     _exit_if_stuck()
     return 0

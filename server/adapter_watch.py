@@ -16,6 +16,7 @@ import threading
 import time
 
 from adapter_store.gc import GarbageCollector, Lease
+from server import openmp
 from server.adapters import AdapterManager
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class StoreWatcher:
         self.lease.release()
 
     def _run(self) -> None:
+        openmp.single_threaded()  # only the engine's thread keeps an OpenMP team
         while not self._stop.wait(self.interval):
             try:
                 self.tick()

@@ -41,6 +41,7 @@ from adapter_store.integrity import IntegrityError, read_version
 from adapter_store.peft_format import WEIGHTS_NAME, LoraWeights, ParsedAdapter, load_peft_adapter
 from adapter_store.refs import RefKey, StoredAdapterMeta, Tombstone, is_valid_adapter_id
 from adapter_store.store import AdapterStore
+from server import openmp
 from server.adapter_failures import FailureCounts, LoadFailure, TooLargeHere, failure_after
 from server.adapter_prep import prepare_for_base
 from server.adapter_residency import AdapterSpec
@@ -97,7 +98,9 @@ class AdapterManager:
         # uids with a load queued or running; added before the submit, so a load that ends at once
         # can't leave its uid behind (which would block every later load of it)
         self._loading: set[int] = set()
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
+        # single-threaded: only the engine's thread keeps an OpenMP team (server/openmp.py)
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader",
+                                          initializer=openmp.single_threaded)
         self.tokenizers = AdapterTokenizers(model)
         # Called (on the loader thread) when an adapter reaches host memory, so an engine loop
         # that is idling on requests waiting for it can wake at once.

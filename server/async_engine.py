@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from server import openmp
 from server.adapter_watch import StoreWatcher
 from server.config import EngineConfig
 from server.engine import LLMEngine, PreparedRequest
@@ -88,6 +89,9 @@ class AsyncEngine:
 
     def start(self) -> None:
         self.watcher.start()
+        # This thread loaded the model: its OpenMP workers go, so the engine thread's team is the only
+        # one and keeps its spin between ops (server/openmp.py).
+        openmp.release_team()
         self._thread.start()
 
     def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:

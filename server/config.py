@@ -37,6 +37,8 @@ class EngineConfig:
     # every adapter rounded to bf16 (fp32 adapters may then change greedy tokens).
     adapter_dtype: str = "auto"
     max_adapters_per_step: int | None = None  # cap on distinct adapters in one step
+    # an idle engine holds its first step up to this long for adapter reads in flight (server/scheduler.py)
+    cold_start_wait: float = 0.15
     num_threads: int | None = None  # torch intra-op threads; None = all cores
     kernel_backend: str | None = None  # torch | native | triton; None = triton on CUDA, native (fused
     # C ops) on a CPU where they build, else torch
@@ -70,5 +72,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.store_rescan_interval <= 0:
             raise ValueError(f"store_rescan_interval must be positive, got {self.store_rescan_interval}")
+        if not 0 <= self.cold_start_wait <= 10:
+            raise ValueError(f"cold_start_wait must be in [0, 10] seconds, got {self.cold_start_wait}")
         if self.max_adapters_per_step is not None and self.max_adapters_per_step < 1:
             raise ValueError("max_adapters_per_step must be >= 1 when set")

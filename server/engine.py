@@ -86,7 +86,8 @@ class LLMEngine:
         self.adapters = AdapterManager(store, mc, self.layout, num_pages, config.host_cache_bytes,
                                        config.max_lora_rank, dtype, self.runner.model.base, storage)
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                    config.max_adapters_per_step, config.enable_prefix_caching)
+                                    config.max_adapters_per_step, config.enable_prefix_caching,
+                                    config.cold_start_wait)
         self.scheduler = Scheduler(sched_cfg, self.pool, self.layout, self.adapters)
         self._costs = CostMeter(self.pool.parked, self.layout.block_size, self.layout.num_layers)
         self._live: dict[str, PreparedRequest] = {}

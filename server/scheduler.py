@@ -8,6 +8,13 @@ several steps. Waiting requests are admitted first-come-first-served while pages
 sequence slots last; one whose adapter is still being read from disk is skipped (it waits, the
 rest go on) and its adapter is fetched in the background.
 
+A burst of requests on cold adapters meets an idle engine: nothing runs, the first adapter to arrive
+from disk would start a step of one short prompt, and the reads of the others would then run beside
+that step and every step after, on the same cores. So while nothing runs and reads are in flight, the
+scheduler holds the first step, for at most ``cold_start_wait`` seconds, until the ready prompts fill
+the token budget (measured on 64 requests over 2,000 cold adapters, 2 cores: a first step of 40 tokens
+took 0.3-0.7 s beside the reads, against 0.04 s alone). Running requests are never held.
+
 With prefix caching on, a request admitted (or readmitted after preemption) starts from the
 longest chain of cached KV blocks that matches its tokens under its adapter version and computes
 only the rest; each scheduled chunk registers the blocks it fills (``server/prefix_cache.py``).
@@ -22,7 +29,9 @@ Nothing is dropped.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -46,6 +55,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_adapters_per_step: int | None = None
     enable_prefix_caching: bool = True
+    cold_start_wait: float = 0.0  # seconds an idle engine may hold its first step for adapter reads
 
 
 @dataclass(frozen=True)
@@ -74,8 +84,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, pool: PagePool, layout: PageLayout,
-                 adapters: AdapterSource) -> None:
+                 adapters: AdapterSource, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
+        self.clock = clock
+        self._held_since: float | None = None  # when an idle engine started holding for reads
         self.pool = pool
         self.cache = PrefixCache(pool, layout) if cfg.enable_prefix_caching else NoPrefixCache()
         self.kv = KVManager(pool, layout, self.cache)
@@ -119,7 +131,8 @@ class Scheduler:
             if req.adapter_uid is not None:
                 step_adapters.add(req.adapter_uid)
             budget -= n
-        if not out.preempted:
+        held = not self.running and self._hold_for_reads(budget)
+        if not out.preempted and not held:
             self._admit(out, budget, step_adapters)
         self._prefetch(out)
         out.evicted_adapters = self.residency.drain_evicted()
@@ -155,6 +168,29 @@ class Scheduler:
             if uid is not None:
                 step_adapters.add(uid)
             budget -= n
+
+    def _hold_for_reads(self, budget: int) -> bool:
+        """True while an idle engine should wait for adapter reads in flight: the requests that could
+        start now don't fill ``budget``, and it has waited less than ``cold_start_wait``."""
+        if self.cfg.cold_start_wait <= 0:
+            return False
+        ready, reading = 0, False
+        for req in itertools.islice(self.waiting, self.cfg.max_num_seqs):
+            uid = req.adapter_uid
+            if uid is None or self.residency.is_resident(uid) or self.adapters.spec_if_ready(uid) is not None:
+                ready += req.num_tokens - req.num_computed_tokens
+                if ready >= budget:
+                    break
+            else:
+                reading = True
+        if reading and ready < budget:
+            now = self.clock()
+            if self._held_since is None:
+                self._held_since = now
+            if now - self._held_since < self.cfg.cold_start_wait:
+                return True
+        self._held_since = None
+        return False
 
     def _place(self, req: Request, spec: AdapterSpec | None, n: int, out: SchedulerOutput) -> bool:
         """Load ``req``'s adapter if ``spec`` is given, pin it, and give ``req`` pages for ``n``

@@ -59,6 +59,11 @@ class ServerSettings(BaseSettings):
     max_waiting: int = Field(
         1024, gt=0, description="Requests allowed to wait for a slot; beyond it new requests get 503."
     )
+    cold_start_wait: float = Field(
+        0.15, ge=0, le=10, description="Seconds an idle engine may hold its first step while adapters "
+        "are read from disk, until the prompts ready to start fill a step (0: start at once). Running "
+        "requests are never held.",
+    )
     adapter_store_dir: Path = Field(
         Path("data/adapters"), description="Directory of the persistent adapter store (uploads land here)."
     )
@@ -152,6 +157,7 @@ class ServerSettings(BaseSettings):
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             max_waiting=self.max_waiting,
+            cold_start_wait=self.cold_start_wait,
             adapter_store_dir=str(self.adapter_store_dir),
             store_rescan_interval=self.store_rescan_interval,
             host_cache_bytes=int(self.host_cache_bytes),

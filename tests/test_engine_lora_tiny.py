@@ -103,8 +103,9 @@ def test_delete_and_readd_gets_new_uid_and_new_weights(setup, tmp_path):
 def test_restart_keeps_store_and_cold_adapter_loads_while_others_run(setup, tmp_path):
     engine, oracle = setup
     store_dir = engine.config.adapter_store_dir
+    # cold_start_wait=0: the first step doesn't wait for the read (tests/test_scheduler_cold_start.py)
     fresh = LLMEngine(EngineConfig(model=engine.config.model, pool_bytes=8 * 2**20,
-                                   adapter_store_dir=store_dir))
+                                   adapter_store_dir=store_dir, cold_start_wait=0.0))
     assert {a.adapter_id for a in fresh.list_adapters()} >= {"all16", "r64", "pattern"}
     assert fresh.get_adapter("all16").location == "disk"
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from adapter_store.failpoints import failpoint
 from adapter_store.tenancy import ADAPTER_ID_PATTERN, split
+from server import openmp
 from server.api.auth import require_admin_key, require_api_key
 from server.api.schemas import AdapterCard, AdapterDeleted, AdapterList, AdapterPartCard, ErrorResponse
 from server.api.tenants import Principal
@@ -86,6 +87,7 @@ async def upload_adapter(request: Request, principal: Principal = Depends(requir
         size = sum(f.stat().st_size for f in Path(tmp).iterdir())
 
         def store() -> AdapterInfo:  # off the event loop: the quota lists what is stored
+            openmp.single_threaded()  # a worker thread: only the engine's thread keeps an OpenMP team
             with state.storage_quota.reserve(principal, stored, size, engine.list_adapters):
                 return engine.add_adapter(stored, Path(tmp), upload.replace)
 
