@@ -17,7 +17,7 @@ import torch
 
 from kernels.backend import KernelBackend, select_lora_backend
 from kernels.step_buffer import StepBuffer
-from server.arena import zeroed_pages
+from server.arena import PREFAULT_BYTES, zeroed_pages
 from server.batch import BlockTables, build_step
 from server.model import LlamaModel
 from server.model_config import ModelConfig
@@ -56,7 +56,7 @@ class ModelRunner:
         self.backend = backend
         # The pool's memory: pages of bytes. KV blocks are read in the model dtype; an adapter's rows
         # in its storage dtype (a view of the same bytes; kernels/lora_pages.py storage_view).
-        self.arena_bytes = zeroed_pages(num_pages, layout.page_bytes, some.device)
+        self.arena_bytes = zeroed_pages(num_pages, layout.page_bytes, some.device, PREFAULT_BYTES)
         self.arena = self.arena_bytes.view(some.dtype)
         if self.arena.shape[1] != layout.page_elems:
             raise ValueError(f"the layout's pages hold {layout.page_elems} elements of {layout.itemsize} "

@@ -1,5 +1,4 @@
-"""server/arena.py: the pool's host memory is zeroed, 2 MiB-aligned and eligible for huge pages where
-those can't stall a fault."""
+"""server/arena.py: the pool's host memory is zeroed, 2 MiB-aligned and eligible for huge pages."""
 
 import gc
 import re
@@ -8,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.arena import HUGE_PAGE, huge_pages_without_stalls, zeroed_pages
+from server.arena import HUGE_PAGE, prefault, zeroed_pages
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -40,33 +39,9 @@ def test_zeroed_aligned_and_writable() -> None:
 @pytest.mark.skipif(not THP.is_file() or "[never]" in THP.read_text(), reason="no transparent huge pages")
 def test_mapping_is_eligible_for_huge_pages() -> None:
     """A private anonymous mapping advised MADV_HUGEPAGE (a shared one would be shmem: not eligible)."""
-    pages = zeroed_pages(200, 24576, huge_pages=True)
-    pages.fill_(1)
-    assert _smaps_entry(pages.data_ptr()).get("THPeligible") == "1"
-
-
-@pytest.mark.parametrize(("mode", "huge"), [
-    ("always defer defer+madvise [madvise] never", False),
-    ("[always] defer defer+madvise madvise never", False),
-    ("always defer [defer+madvise] madvise never", False),
-    ("always [defer] defer+madvise madvise never", True),
-    ("always defer defer+madvise madvise [never]", True),
-])
-def test_huge_pages_only_where_a_fault_cannot_stall(tmp_path: Path, mode: str, huge: bool) -> None:
-    defrag = tmp_path / "defrag"
-    defrag.write_text(mode + "\n")
-    assert huge_pages_without_stalls(defrag) is huge
-    assert huge_pages_without_stalls(tmp_path / "missing") is False
-
-
-@pytest.mark.skipif(not THP.is_file() or "[never]" in THP.read_text(), reason="no transparent huge pages")
-def test_default_follows_the_defrag_mode() -> None:
     pages = zeroed_pages(200, 24576)
     pages.fill_(1)
-    eligible = _smaps_entry(pages.data_ptr()).get("THPeligible") == "1"
-    # with THP enabled only on request ("madvise"), only an advised mapping is eligible
-    if "[madvise]" in THP.read_text():
-        assert eligible is huge_pages_without_stalls()
+    assert _smaps_entry(pages.data_ptr()).get("THPeligible") == "1"
 
 
 def test_mapping_outlives_views_only() -> None:
@@ -75,3 +50,19 @@ def test_mapping_outlives_views_only() -> None:
     gc.collect()
     view.fill_(7)
     assert int(view.sum()) == 7 * 1024
+
+
+def _rss_kib(pages: torch.Tensor) -> int:
+    return int(_smaps_entry(pages.data_ptr())["Rss"].split()[0])
+
+
+def test_prefault_commits_the_first_bytes_and_leaves_them_zero() -> None:
+    """The first bytes are in memory before anything writes them (a fresh mapping has none)."""
+    if not prefault(zeroed_pages(1, 4096), 4096):
+        pytest.skip("MADV_POPULATE_WRITE needs Linux 5.14")
+    lazy = zeroed_pages(400, 24576)
+    assert _rss_kib(lazy) == 0
+    pages = zeroed_pages(400, 24576, prefault_bytes=4 << 20)
+    assert _rss_kib(pages) >= 4 << 10
+    assert _rss_kib(pages) < 400 * 24576 // 1024  # only what was asked (plus at most a huge page)
+    assert int(pages.count_nonzero()) == 0
