@@ -12,8 +12,9 @@ A burst of requests on cold adapters meets an idle engine: nothing runs, the fir
 from disk would start a step of one short prompt, and the reads of the others would then run beside
 that step and every step after, on the same cores. So while nothing runs and reads are in flight, the
 scheduler holds the first step, for at most ``cold_start_wait`` seconds, until the ready prompts fill
-the token budget (measured on 64 requests over 2,000 cold adapters, 2 cores: a first step of 40 tokens
-took 0.3-0.7 s beside the reads, against 0.04 s alone). Running requests are never held.
+the token budget (64 requests over 2,000 cold adapters, 2 cores: without the hold the first step
+computed one 40-token prompt in 0.3-0.7 s while the other 63 adapters were read beside it, and the
+next, 512 tokens, took 1.1-2.0 s). Running requests are never held.
 
 With prefix caching on, a request admitted (or readmitted after preemption) starts from the
 longest chain of cached KV blocks that matches its tokens under its adapter version and computes
