@@ -242,7 +242,7 @@ def _read_tensor(src: _Source, e: TensorEntry, layer: int, name: str, side: str,
     out = src_t.to(dtype).contiguous()
     if not _finite(out):
         what = "contains NaN or Inf values" if not _finite(src_t) else f"overflows when cast to {dtype}"
-        raise InvalidAdapter(f"tensor {_key(layer, name, side)} {what}", param=WEIGHTS_NAME)
+        raise InvalidAdapter(f"tensor {tensor_key(layer, name, side)} {what}", param=WEIGHTS_NAME)
     return out
 
 
@@ -278,10 +278,6 @@ def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
         out.append(step)
         step *= n
     return tuple(reversed(out))
-
-
-def _key(layer: int, name: str, part: str) -> str:
-    return tensor_key(layer, name, part)
 
 
 def _finite(t: torch.Tensor) -> bool:

@@ -122,10 +122,6 @@ def _check_ranks(targets: dict[tuple[int, str], tuple[int, float]], max_rank: in
             )
 
 
-def _key(layer: int, name: str, part: str) -> str:
-    return tensor_key(layer, name, part)
-
-
 Found = dict[tuple[int, str], dict[str, TensorEntry]]
 
 
@@ -145,13 +141,13 @@ def _group_entries(entries: dict[str, TensorEntry], num_layers: int) -> Found:
 def _ab(layer: int, name: str, parts: dict[str, TensorEntry]) -> tuple[TensorEntry, TensorEntry]:
     for side in (A, B):
         if side not in parts:
-            key = _key(layer, name, side)
+            key = tensor_key(layer, name, side)
             raise InvalidAdapter(f"{site(layer, name)} has no lora_{side} tensor ({key})", param=WEIGHTS_NAME)
     return parts[A], parts[B]
 
 
 def _check_magnitude(layer: int, name: str, m: TensorEntry | None, use_dora: bool, out: int) -> None:
-    key = _key(layer, name, MAGNITUDE)
+    key = tensor_key(layer, name, MAGNITUDE)
     if m is None and use_dora:
         raise InvalidAdapter(f"adapter_config has use_dora=true but {key} is missing", param="use_dora")
     if m is not None and not use_dora:
@@ -168,7 +164,8 @@ def _check_coverage(present: set[tuple[int, str]], targeted: set[tuple[int, str]
         layer, name = missing[0]
         raise InvalidAdapter(
             f"adapter_config targets {site(layer, name)} but {WEIGHTS_NAME} has no weights for it "
-            f"({len(missing)} targeted module(s) missing, e.g. {_key(layer, name, 'A')})", param=WEIGHTS_NAME
+            f"({len(missing)} targeted module(s) missing, e.g. {tensor_key(layer, name, 'A')})",
+            param=WEIGHTS_NAME,
         )
     stray = sorted(present - targeted)
     if stray:
@@ -186,11 +183,12 @@ def _check_shapes(
     for side, t in (("A", a), ("B", b)):
         if t.dtype not in TORCH_DTYPES:
             raise InvalidAdapter(
-                f"tensor {_key(layer, name, side)} has dtype {t.dtype}; expected F32, F16 or BF16 (float32, "
-                "float16 or bfloat16)", param=WEIGHTS_NAME)
+                f"tensor {tensor_key(layer, name, side)} has dtype {t.dtype}; expected F32, F16 or BF16 "
+                "(float32, float16 or bfloat16)", param=WEIGHTS_NAME)
         if len(t.shape) != 2:
-            raise InvalidAdapter(f"tensor {_key(layer, name, side)} has shape {list(t.shape)}; expected 2-D",
-                                 param=WEIGHTS_NAME)
+            raise InvalidAdapter(
+                f"tensor {tensor_key(layer, name, side)} has shape {list(t.shape)}; expected 2-D",
+                param=WEIGHTS_NAME)
     if a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
         raise AdapterIncompatible(
             f"{site(layer, name)}: expected lora_A [r, {in_f}] and lora_B [{out_f}, r] for the base "
