@@ -5,7 +5,7 @@ until the thread exits, and counts the workers of all teams together. Once it co
 cores, it cuts the spin at barriers from GOMP_SPINCOUNT to about a hundred iterations. After that, each
 of the hundreds of small parallel ops in a step (norms, RoPE, adds) ends with the workers asleep and
 starts with a futex wake-up. On 2 cores, a 256x576 add took 42-65 us on a second thread against
-13-24 us on the first. The quick base workload ran 3-21% slower (5 of 5 pairs) with the engine on a
+13-24 us on the first. The quick base workload ran 2-34% slower (7 of 7 pairs) with the engine on a
 thread of its own, as in the HTTP server, than on the thread that loaded the model.
 
 So only the engine thread keeps a team:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from server.adapter_residency import AdapterSpec, ModuleSpec
@@ -39,13 +40,12 @@ class FakeDisk:
         return None
 
 
-def make_scheduler(num_pages: int, disk: FakeDisk | None = None, clock: Callable[[], float] | None = None,
-                   **cfg) -> Scheduler:
+def make_scheduler(num_pages: int, disk: FakeDisk | None = None,
+                   clock: Callable[[], float] = time.monotonic, **cfg) -> Scheduler:
     """Prefix caching is off unless asked for: these tests pin the plain allocator's page ids
     (tests/test_prefix_cache.py turns it on)."""
     cfg.setdefault("enable_prefix_caching", False)
-    extra = {} if clock is None else {"clock": clock}
-    return Scheduler(SchedulerConfig(**cfg), PagePool(num_pages), LAYOUT, disk or FakeDisk(), **extra)
+    return Scheduler(SchedulerConfig(**cfg), PagePool(num_pages), LAYOUT, disk or FakeDisk(), clock)
 
 
 def make_request(sched: Scheduler, rid: str, prompt_len: int, max_tokens: int = 8,
