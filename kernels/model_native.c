@@ -201,46 +201,64 @@ int rope_store_kv(int bf16, void *qkv, int64_t ld, int64_t T, int64_t nh, int64_
  * Sequence s = seqs[i] has query rows cu_q[s] .. cu_q[s+1] of q ([*, nh * D], rows ldq apart) at
  * positions ctx_lens[s] - q_len + j; row j attends keys 0 .. its position, key p read from page
  * block_table[s * max_blocks + p / bs] at offset p % bs (kv_pages as in rope_store_kv). Query head
- * h uses KV head h / (nh / nkv). out rows (ldo apart) get softmax(q k^T * scale) v per head.
- * One work item per (sequence, KV head): its G = nh / nkv query heads share each K/V load, and
- * the softmax is computed online over blocks of bs keys (one pass over the pages).               */
+ * h uses KV head h / (nh / nkv). out rows (ldo apart) get softmax(q k^T * scale) v per head; the
+ * softmax is computed online over blocks of bs keys (one pass over the pages).
+ *
+ * One work item per sequence and all its KV heads when there are at least 4 sequences per thread
+ * (else per sequence and KV head, so that a few long sequences still use every thread). Per block
+ * the item reads each K row whole, in order (a run the hardware prefetcher follows; one KV head's
+ * third of every row, as items per KV head read them, was a strided walk that waited on memory),
+ * asks for the matching V row meanwhile, then sums each head's weighted V rows into an
+ * accumulator held in registers across the block. Against one item per KV head with the V sum
+ * in memory: 8.4 against 18.7 ms for 30 layers of 32 decode rows over 110 keys (fp32, KV pages
+ * out of cache), 4.4 against 6.9 with them in cache, 9.2 against 12.1 for 2 rows over 1,000 keys. */
 int paged_attention(int bf16, const void *q, int64_t ldq, void *out, int64_t ldo, const void *kv_pages,
                      const int32_t *block_table, int64_t max_blocks, const int32_t *cu_q,
                      const int32_t *ctx_lens, const int64_t *seqs, int64_t nseq, int64_t nh, int64_t nkv,
                     int64_t D, int64_t bs, float scale, int nthreads) {
     const size_t item = bf16 ? 2 : 4;
     const int64_t G = nh / nkv, kvw = nkv * D;
+    /* KV heads per work item (hc), the row width it reads (W) and its query heads (HG) */
+    const int64_t hc = nseq >= 4 * (int64_t)nthreads ? nkv : 1, W = hc * D, HG = hc * G;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        /* per head: query, accumulator; per block: scores; key/value rows widened from bf16 */
-        float *buf = scratch((size_t)(G * D * 2 + G * bs + 2 * D), &failed);
-        float *qv = buf, *acc = qv + G * D, *sc = acc + G * D, *kb = sc + G * bs, *vb = kb + D;
+        float *buf = scratch((size_t)(HG * D * 2 + HG * bs + 2 * HG + W + bs * W), &failed);
+        float *qv = buf, *acc = qv + HG * D, *sc = acc + HG * D, *m = sc + HG * bs, *l = m + HG;
+        float *kb = l + HG, *vb = kb + W;
 #pragma omp for schedule(dynamic, 1) collapse(2)
         for (int64_t i = 0; i < nseq; i++) {
-            for (int64_t g = 0; g < nkv; g++) {
+            for (int64_t g0 = 0; g0 < nkv; g0 += hc) {
                 if (!buf) continue;
                 const int64_t s = seqs[i], ctx = ctx_lens[s], r0 = cu_q[s], qlen = cu_q[s + 1] - r0;
                 const int32_t *bt = block_table + s * max_blocks;
                 for (int64_t j = 0; j < qlen; j++) {
                     const int64_t n_keys = ctx - qlen + j + 1;
-                    const char *qrow = (const char *)q + (size_t)((r0 + j) * ldq + g * G * D) * item;
-                    const float *qf = as_f32(bf16, qrow, G * D, qv);
-                    if (qf != qv) memcpy(qv, qf, sizeof(float) * (size_t)(G * D));
-                    float m[64], l[64];
-                    for (int64_t h = 0; h < G; h++) m[h] = -INFINITY, l[h] = 0.f;
-                    memset(acc, 0, sizeof(float) * (size_t)(G * D));
+                    const char *qrow = (const char *)q + (size_t)((r0 + j) * ldq + g0 * G * D) * item;
+                    const float *qf = as_f32(bf16, qrow, HG * D, qv);
+                    if (qf != qv) memcpy(qv, qf, sizeof(float) * (size_t)(HG * D));
+                    for (int64_t h = 0; h < HG; h++) m[h] = -INFINITY, l[h] = 0.f;
+                    memset(acc, 0, sizeof(float) * (size_t)(HG * D));
                     for (int64_t p0 = 0; p0 < n_keys; p0 += bs) {
                         const int64_t n = n_keys - p0 < bs ? n_keys - p0 : bs;
                         const char *page = (const char *)kv_pages + (size_t)(bt[p0 / bs] * 2 * bs * kvw) * item;
+                        const char *vpage = page + (size_t)(bs * kvw + g0 * D) * item;
                         for (int64_t t = 0; t < n; t++) {
-                            const float *k = as_f32(bf16, page + (size_t)(t * kvw + g * D) * item, D, kb);
-                            for (int64_t h = 0; h < G; h++) sc[h * bs + t] = dot(qv + h * D, k, D) * scale;
+                            const float *k = as_f32(bf16, page + (size_t)(t * kvw + g0 * D) * item, W, kb);
+                            const char *vt = vpage + (size_t)(t * kvw) * item;
+                            for (size_t b = 0; b < (size_t)W * item; b += 64) __builtin_prefetch(vt + b, 0, 3);
+                            for (int64_t h = 0; h < HG; h++) sc[h * bs + t] = dot(qv + h * D, k + (h / G) * D, D) * scale;
                         }
-                        for (int64_t h = 0; h < G; h++) {
+                        const float *vr = (const float *)vpage;
+                        int64_t ld = kvw;
+                        if (bf16) {
+                            for (int64_t t = 0; t < n; t++) as_f32(1, vpage + (size_t)(t * kvw) * item, W, vb + t * W);
+                            vr = vb, ld = W;
+                        }
+                        for (int64_t h = 0; h < HG; h++) {
                             float mx = m[h], sum = 0.f, *e = sc + h * bs;
                             for (int64_t t = 0; t < n; t++) mx = e[t] > mx ? e[t] : mx;
-                            const float corr = exp_approx(m[h] - mx); /* ~0 on the first block */
+                            const float corr = exp_approx(m[h] - mx);
 #pragma omp simd reduction(+ : sum)
                             for (int64_t t = 0; t < n; t++) {
                                 e[t] = exp_approx(e[t] - mx);
@@ -248,23 +266,29 @@ int paged_attention(int bf16, const void *q, int64_t ldq, void *out, int64_t ldo
                             }
                             m[h] = mx, l[h] = l[h] * corr + sum;
                             float *a = acc + h * D;
-                            for (int64_t d = 0; d < D; d++) a[d] *= corr;
-                        }
-                        for (int64_t t = 0; t < n; t++) {
-                            const float *v = as_f32(bf16, page + (size_t)((bs + t) * kvw + g * D) * item, D, vb);
-                            for (int64_t h = 0; h < G; h++) {
-                                const float p = sc[h * bs + t];
-                                float *a = acc + h * D;
-                                for (int64_t d = 0; d < D; d++) a[d] += p * v[d];
+                            const float *v = vr + (h / G) * D;
+                            int64_t d = 0;
+                            for (; d + 2 * VW <= D; d += 2 * VW) {
+                                vf x0 = vload(a + d) * corr, x1 = vload(a + d + VW) * corr;
+                                for (int64_t t = 0; t < n; t++) {
+                                    x0 += e[t] * vload(v + t * ld + d);
+                                    x1 += e[t] * vload(v + t * ld + d + VW);
+                                }
+                                vstore(a + d, x0), vstore(a + d + VW, x1);
+                            }
+                            for (; d < D; d++) {
+                                float x = a[d] * corr;
+                                for (int64_t t = 0; t < n; t++) x += e[t] * v[t * ld + d];
+                                a[d] = x;
                             }
                         }
                     }
-                    for (int64_t h = 0; h < G; h++) {
+                    for (int64_t h = 0; h < HG; h++) {
                         const float inv = 1.0f / l[h];
                         float *a = acc + h * D;
                         for (int64_t d = 0; d < D; d++) a[d] *= inv;
                     }
-                    put_row(bf16, (char *)out + (size_t)((r0 + j) * ldo + g * G * D) * item, acc, G * D);
+                    put_row(bf16, (char *)out + (size_t)((r0 + j) * ldo + g0 * G * D) * item, acc, HG * D);
                 }
             }
         }

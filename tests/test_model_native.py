@@ -86,6 +86,21 @@ def test_paged_attention_native_matches_dense(dtype: torch.dtype, h: int, kvh: i
         torch.testing.assert_close(out.float(), dense_attention(case, layer, 0.25), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [16, 40, 64])
+def test_paged_attention_native_many_sequences_read_whole_rows(dtype: torch.dtype, d: int) -> None:
+    """With at least 4 short runs per thread, a work item takes all KV heads of its sequence (whole
+    K/V rows; fewer sequences take one KV head each, as above). Head dims below, between and at
+    multiples of the kernel's vector width (the V sum's vector and scalar parts)."""
+    n = 4 * torch.get_num_threads() + 3
+    seqs = [(1 + (7 * i) % 45, 1) for i in range(n)] + [(9, 2), (33, 3)]
+    case = build_case(seqs, 9, 3, d, 16, dtype, seed=d)
+    for layer in range(2):
+        store_step(case, layer, store_kv_ref)
+        out = model_native.paged_attention_native(case.q, case.kv_pages, case.meta, layer, scale=0.25)
+        torch.testing.assert_close(out.float(), dense_attention(case, layer, 0.25), **TOL[dtype])
+
+
 def test_native_plan_splits_short_and_long_runs() -> None:
     case = build_case(SEQS, 4, 2, 16, 8, torch.float32)
     model_native.paged_attention_native(case.q, case.kv_pages, case.meta, 0, 0.25)
