@@ -70,8 +70,9 @@ def test_rope_store_kv_matches_reference(dtype: torch.dtype) -> None:
     assert torch.equal(qkv[:, (h + kvh) * d :], qkv_ref[:, (h + kvh) * d :])  # v is not rotated
 
 
-# MIXED plus a long chunk on a cached prefix (SDPA with a mask) and a long first chunk.
-SEQS = [*MIXED, (50, 20), (24, 24)]
+# MIXED plus prefill chunks over short contexts (the C kernel: a chunk on a cached prefix, a first
+# chunk) and over long ones (SDPA: with a mask on a cached prefix, and a first chunk).
+SEQS = [*MIXED, (50, 20), (24, 24), (700, 40), (800, 800)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -109,8 +110,8 @@ def test_native_plan_splits_short_and_long_runs() -> None:
         raise AssertionError("the first layer's plan is reused")
 
     plan = case.meta.cached(("native", 8, torch.float32), rebuilt)
-    assert plan.short.tolist() == [0, 1, 2, 3, 4, 5]
-    assert [p.seq for p in plan.prefills] == [6, 7, 8]
+    assert plan.short.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert [p.seq for p in plan.prefills] == [9, 10]
 
 
 def test_cpu_default_backend_is_native() -> None:
