@@ -27,13 +27,14 @@ from server.layers import RopeTables
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 # A query run at least this long whose queries see more than this many keys on average goes to SDPA
 # over its gathered pages; any other run to the C kernel. SDPA's gather and per-sequence call cost
-# more than the C kernel's whole work on short contexts: 30 layers' worth of one call, 2 cores,
+# more than the C kernel's whole work on short contexts. 30 layers' worth of one call, 2 cores,
 # fp32, SmolLM2's heads, C against SDPA: 64 prompts of 24 tokens 1.0 against 12.1 ms, 16 of 48
-# 0.8 against 5.7, 2 of 512 10.2 against 17.7, 8 chunks of 32 on 368 cached tokens 3.6 against 6.8
-# (384 keys on average); at 512 it varied either way (1 chunk of 256 on 384 cached: 6.6 against
-# 6.0; 1 of 512 on 256: 13.8 against 23.2), and 1 chunk of 128 on 600 cached took 4.5 against 4.2.
+# 0.8 against 5.7, 2 of 512 10.2 against 17.7; 8 chunks of 32 on 368 cached tokens (a mean of 384.5
+# keys per query) 3.6 against 6.8, 2 of 128 on 384 cached (448.5) 4.6 against 5.5; at 512 it went
+# either way (1 chunk of 256 on 384 cached: 6.6 against 6.0; 1 of 512 on 256: 13.8 against 23.2),
+# and 1 chunk of 128 on 600 cached (664.5) took 4.5 against 4.2.
 SDPA_MIN_QUERIES = 16
-SDPA_MIN_MEAN_KEYS = 384
+SDPA_MIN_MEAN_KEYS = 480  # between the last shape C won (448.5) and the first that went either way (512.5)
 MAX_GQA_GROUP = 64  # query heads per KV head the C kernel's per-head state holds
 MAX_HEAD_DIM = 512
 CPU = torch.device("cpu")
