@@ -223,6 +223,8 @@ int paged_attention(int bf16, const void *q, int64_t ldq, void *out, int64_t ldo
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
+        /* per query head: query, accumulator, running max and sum; per block: scores, and the K row
+         * and V rows widened from bf16 */
         float *buf = scratch((size_t)(HG * D * 2 + HG * bs + 2 * HG + W + bs * W), &failed);
         float *qv = buf, *acc = qv + HG * D, *sc = acc + HG * D, *m = sc + HG * bs, *l = m + HG;
         float *kb = l + HG, *vb = kb + W;
@@ -258,7 +260,7 @@ int paged_attention(int bf16, const void *q, int64_t ldq, void *out, int64_t ldo
                         for (int64_t h = 0; h < HG; h++) {
                             float mx = m[h], sum = 0.f, *e = sc + h * bs;
                             for (int64_t t = 0; t < n; t++) mx = e[t] > mx ? e[t] : mx;
-                            const float corr = exp_approx(m[h] - mx);
+                            const float corr = exp_approx(m[h] - mx); /* ~0 on the first block */
 #pragma omp simd reduction(+ : sum)
                             for (int64_t t = 0; t < n; t++) {
                                 e[t] = exp_approx(e[t] - mx);

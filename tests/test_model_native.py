@@ -102,6 +102,17 @@ def test_paged_attention_native_many_sequences_read_whole_rows(dtype: torch.dtyp
         torch.testing.assert_close(out.float(), dense_attention(case, layer, 0.25), **TOL[dtype])
 
 
+@pytest.mark.parametrize("many", [False, True])
+def test_paged_attention_native_takes_any_gqa_group(many: bool) -> None:
+    """72 query heads on one KV head: the per-head state lives in the kernel's scratch, not in a
+    fixed array (it was capped at 64 heads per KV head)."""
+    seqs = [(1 + 5 * i, 1) for i in range(4 * torch.get_num_threads() if many else 1)] + [(20, 3)]
+    case = build_case(seqs, 72, 1, 16, 16, torch.float32, seed=3)
+    store_step(case, 0, store_kv_ref)
+    out = model_native.paged_attention_native(case.q, case.kv_pages, case.meta, 0, scale=0.25)
+    torch.testing.assert_close(out.float(), dense_attention(case, 0, 0.25), **TOL[torch.float32])
+
+
 def test_native_plan_splits_short_and_long_runs() -> None:
     case = build_case(SEQS, 4, 2, 16, 8, torch.float32)
     model_native.paged_attention_native(case.q, case.kv_pages, case.meta, 0, 0.25)
