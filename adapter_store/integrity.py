@@ -8,7 +8,12 @@ weights (which would be silent: corrupted weights still parse).
 
 Hashing streams each file in 1 MiB chunks (no more memory than that), except the one file a loader
 asks to keep (``read_version``): that one is read whole into one buffer, hashed, and handed to the
-parser, so the bytes parsed are the bytes checked and are read from disk once.
+parser, so the bytes parsed are the bytes checked and are read from disk once. A buffer of 1 MiB or
+more is a private anonymous mapping faulted in whole when made (``MAP_POPULATE``), not a
+``bytearray``: a cold adapter's buffer is memory the server never used before (it stays in the host
+cache). Faulted page by page, after a zero fill the kernel had already done, reading a 1.9 MB weights
+file took the server 1.1-6.0 ms and a 3.7 MB one 2.2-13.4 ms; mapped whole, 0.7-1.5 and 1.3-2.2 ms
+(9 cold loads of each size each way, SmolLM2 adapters, files in the page cache).
 
 A file that is missing or not a regular file (a directory, a FIFO) is an I/O fault (``OSError``),
 not corruption: the bytes were not there to check.
@@ -18,12 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import stat
 from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
 CHUNK = 1 << 20
+MAPPED_MIN = 1 << 20  # a kept file at least this long is read into a mapping faulted in at once
 
 
 class IntegrityError(Exception):
@@ -41,7 +48,7 @@ def verify_version(path: Path) -> dict[str, str]:
 
 
 def read_version(path: Path, keep: str | None,
-                 max_keep: int = 1 << 62) -> tuple[dict[str, str], bytearray | None]:
+                 max_keep: int = 1 << 62) -> tuple[dict[str, str], bytearray | memoryview | None]:
     """``verify_version``, also returning the bytes of file ``keep`` if the manifest lists it at no
     more than ``max_keep`` bytes (else None). Those are read once, whole, and hashed as read: the
     bytes returned are the bytes checked (a caller parsing them reads nothing twice)."""
@@ -57,7 +64,7 @@ def read_version(path: Path, keep: str | None,
     kept = None
     for name, (want, size) in sorted(files.items()):
         if name == keep and size <= max_keep:
-            kept = _read_regular(path / name, size + 1)  # one byte more: a grown file is caught
+            kept = _read_regular(path / name, size + 1, mapped=True)  # one byte more: a grown file is caught
             got_size, got = len(kept), hashlib.sha256(kept).hexdigest()
         else:
             got_size, got = hash_regular_file(path / name)
@@ -88,18 +95,28 @@ def hash_regular_file(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _read_regular(path: Path, limit: int = -1) -> bytearray:
-    """The file's bytes (at most ``limit`` of them), read into one buffer in place."""
+def _read_regular(path: Path, limit: int = -1, mapped: bool = False) -> bytearray | memoryview:
+    """The file's bytes (at most ``limit`` of them), read into one writable buffer in place: with
+    ``mapped``, a mapping (a memoryview of it) from MAPPED_MIN bytes, else a bytearray."""
     with open(path, "rb") as f:
         _check_regular(f.fileno(), path)
         size = os.fstat(f.fileno()).st_size
         want = size if limit < 0 else min(size, limit)
-        buf = bytearray(want)
+        buf = _buffer(want) if mapped else bytearray(want)
         got = f.readinto(buf)
-        del buf[got:]  # the file shrank since the stat
-        if got == want and (limit < 0 or got < limit):  # or grew
-            buf += f.read(-1 if limit < 0 else limit - got)
-        return buf
+        more = f.read(-1 if limit < 0 else limit - got) if got == want and (limit < 0 or got < limit) else b""
+        if got == want and not more:
+            return buf
+        return bytearray(buf[:got]) + more  # the file shrank or grew since the stat: its bytes as read
+
+
+def _buffer(n: int) -> bytearray | memoryview:
+    """``n`` writable bytes: a private anonymous mapping faulted in whole at once from MAPPED_MIN
+    bytes where the OS can (the mapping lives as long as the views of it), else a bytearray."""
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if n < MAPPED_MIN or not populate:
+        return bytearray(n)
+    return memoryview(mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate))
 
 
 def _check_regular(fd: int, path: Path) -> None:

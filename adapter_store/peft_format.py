@@ -131,7 +131,7 @@ def check_adapter_files(names: set[str]) -> None:
 
 def load_peft_adapter(
     path: Path, model: ModelConfig, max_rank: int = 256, dtype: torch.dtype = torch.float32,
-    checksum: str | None = None, data: bytearray | None = None, keep_bf16: bool = False,
+    checksum: str | None = None, data: bytearray | memoryview | None = None, keep_bf16: bool = False,
 ) -> ParsedAdapter:
     """Parse and validate the PEFT dir ``path`` against ``model``; tensors are cast to ``dtype``.
     ``checksum``: the weights file's sha256 if the caller has just verified it (else it is hashed);
@@ -188,7 +188,7 @@ class _Source:
     """The weights file's bytes by offset: from ``data`` if the caller read them (views, no copy),
     else from the open file (a new buffer per read)."""
 
-    def __init__(self, path: Path, data: bytearray | None) -> None:
+    def __init__(self, path: Path, data: bytearray | memoryview | None) -> None:
         self._data = None if data is None else memoryview(data)
         self._file = open(path, "rb") if data is None else None  # noqa: SIM115 - closed by __exit__
         self.size = len(data) if data is not None else os.fstat(self._file.fileno()).st_size

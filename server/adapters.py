@@ -384,7 +384,8 @@ class AdapterManager:
     def _spec(self, uid: int, name: str, parsed: ParsedAdapter) -> AdapterSpec:
         return spec_from_parsed(uid, name, parsed, self.storage.dtype_for(parsed))
 
-    def parse(self, path: Path, checksum: str | None = None, data: bytearray | None = None) -> ParsedAdapter:
+    def parse(self, path: Path, checksum: str | None = None,
+              data: bytearray | memoryview | None = None) -> ParsedAdapter:
         """Parse a PEFT dir and make it ready for this base model (DoRA scales computed). A plain
         adapter's bf16 factors stay bf16 on the host: the pool writer casts them if its pages aren't."""
         parsed = load_peft_adapter(path, self.model, self.max_rank, self.dtype, checksum=checksum, data=data,

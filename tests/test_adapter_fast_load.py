@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from adapter_store import integrity
 from adapter_store.integrity import IntegrityError, read_version
 from adapter_store.peft_format import WEIGHTS_NAME, load_peft_adapter
 from adapter_store.peft_plan import load_plan
@@ -89,13 +90,22 @@ def test_the_plan_is_reused_for_the_same_bytes_and_only_for_them(make_peft_adapt
         load_peft_adapter(twin, tiny_model_config)
 
 
-def test_read_version_hashes_the_bytes_it_returns(make_peft_adapter, tmp_path):
+@pytest.mark.parametrize("mapped", [False, True])
+def test_read_version_hashes_the_bytes_it_returns(make_peft_adapter, tiny_model_config, tmp_path, monkeypatch,
+                                                  mapped):
+    """Also with the weights read into a mapping faulted in at once (files of 1 MiB or more; this
+    tiny adapter's only with the threshold lowered): the same bytes, and a changed file refused."""
+    if mapped:
+        monkeypatch.setattr(integrity, "MAPPED_MIN", 1)
     path, _ = make_peft_adapter(dtype=torch.bfloat16, **QV)
     store = AdapterStore(tmp_path / "store")
     store.put("a", path)
     version = store.get_path("a")
     digests, data = read_version(version, WEIGHTS_NAME)
     assert data == (path / WEIGHTS_NAME).read_bytes() and len(digests) >= 2
+    assert isinstance(data, memoryview if mapped else bytearray) and not memoryview(data).readonly
+    parsed = load_peft_adapter(version, tiny_model_config, data=data, keep_bf16=True)  # views of the buffer
+    assert all(w.a.dtype == torch.bfloat16 for w in parsed.weights.values())
     assert read_version(version, WEIGHTS_NAME, max_keep=len(data) - 1)[1] is None  # hashed in chunks
     weights = version / WEIGHTS_NAME
     raw = bytearray(weights.read_bytes())
